@@ -1,0 +1,159 @@
+"""Typed configuration: every default lives here, params.yaml holds only what differs.
+
+`load_params(path)` turns params.yaml into a `Config`; an unknown key, a wrong type or a
+negative budget is an error that names the offending key (as pythae / StudioGAN do).
+Model-specific overrides (`models.<name>`) are checked against the model's own config
+class when the model is built (see `models.build`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be turned into a valid config."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"          # digits | mnist | cifar10
+    root: str = "data/raw"        # where the real datasets' native files live (data.dvc)
+    split_seed: int = 0           # seed of the fixed train/test split (digits)
+    test_size: int = 297          # digits test split size (UCI digits: 1797 = 1500 + 297)
+
+
+@dataclass
+class TrainConfig:
+    images: int = 300_000         # the budget: training images seen, same for every model
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0        # max global grad norm; 0 disables
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    threads: int = 0              # torch intra-op threads; 0 = library default
+    log_every: int = 50           # steps between DVCLive points
+
+
+@dataclass
+class EvalConfig:
+    iwae_k: int = 1000            # importance samples for IWAE-K (models that support it)
+    batch_size: int = 64          # test examples per bound evaluation batch
+    chunk: int = 65_536           # max (examples x samples) per network pass
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    # model name -> overrides of that model's own config class (checked at build time)
+    models: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"baseline": {}, "vae": {}}
+    )
+
+
+_POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every",
+             "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size"}
+_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads"}
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return value converted to tp (int -> float allowed), or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (it,) = typing.get_args(tp)[:1]
+        return [_check_type(v, it, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool or tp is int:
+        ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f" in '{prefix}'" if prefix else ""
+        raise ConfigError(
+            f"unknown param key '{prefix + '.' if prefix else ''}{unknown[0]}'{where}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, key)
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key in sorted(_POSITIVE | _NON_NEGATIVE):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in _POSITIVE and not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")
+        if key in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if not cfg.models:
+        raise ConfigError("models: at least one model must be listed")
+
+
+def parse(raw: dict[str, Any] | None) -> Config:
+    cfg = from_dict(Config, raw)
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_params(path: str | Path = "params.yaml") -> Config:
+    """Read params.yaml into a validated `Config`; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return parse(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,255 @@
+"""Datasets as discrete images: integer pixels in {0..L-1}, shape [N, C, H, W].
+
+Readers parse the native formats themselves (IDX for MNIST, python-pickle batches for
+CIFAR-10); the default dataset, `digits`, is the UCI hand-written digits bundled with
+scikit-learn, so the default pipeline needs no network. Real files are pinned by checksum
+in the top-level `data.dvc`; `load` verifies them against the same checksums below.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(RuntimeError):
+    """Missing, truncated or corrupt data; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    split: str
+    images: np.ndarray  # uint8 [N, C, H, W] in {0..levels-1}
+    labels: np.ndarray  # int64 [N]
+    levels: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class Spec:
+    shape: tuple[int, int, int]
+    levels: int
+    files: dict[str, str]  # native file name -> published md5 (also pinned in data.dvc)
+
+
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+CIFAR10_FILES = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
+
+SPECS = {
+    "digits": Spec((1, 8, 8), 17, {}),
+    "mnist": Spec((1, 28, 28), 256, MNIST_FILES),
+    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES),
+}
+SPLITS = ("train", "test")
+
+
+def names() -> list[str]:
+    return list(SPECS)
+
+
+def spec(name: str) -> Spec:
+    if name not in SPECS:
+        raise DataError(f"unknown dataset '{name}'; available: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise DataError(f"missing data file: {path}")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"corrupt or truncated gzip file {path}: {e}") from None
+    return raw
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST's native format), gzip-compressed or not, as uint8."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (expected magic 0x0000 08 nd)")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: expected unsigned-byte IDX data (type 0x08), got 0x{dtype_code:02x}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header})")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path}: truncated or corrupt IDX file: header says shape {dims} "
+            f"({expected} bytes), file has {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batches: only numpy arrays and builtins, no arbitrary code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name} in a data batch")
+
+
+def read_cifar_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse one CIFAR-10 python batch: uint8 [N,3,32,32] images and int64 [N] labels."""
+    try:
+        batch = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as e:  # any unpickling failure means the file is not a valid batch
+        raise DataError(f"{source}: corrupt CIFAR-10 batch ({type(e).__name__}: {e})") from None
+    if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(labels) != len(images):
+        raise DataError(
+            f"{source}: expected data [N, 3072] with N labels, got data {images.shape} "
+            f"and {len(labels)} labels"
+        )
+    return images.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read CIFAR-10 from the python tarball or from its extracted folder."""
+    path = Path(path)
+    members = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    blobs: list[tuple[bytes, str]] = []
+    if path.is_dir():
+        for m in members:
+            f = path / m
+            if not f.is_file():
+                raise DataError(f"missing data file: {f}")
+            blobs.append((f.read_bytes(), str(f)))
+    else:
+        if not path.is_file():
+            raise DataError(f"missing data file: {path}")
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                by_name = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                for m in members:
+                    if m not in by_name:
+                        raise DataError(f"{path}: archive has no member '{m}'")
+                    blobs.append((tar.extractfile(by_name[m]).read(), f"{path}:{m}"))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"corrupt or truncated archive {path}: {e}") from None
+    parts = [read_cifar_batch(b, src) for b, src in blobs]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(root: Path, name: str) -> None:
+    """Check the real dataset's native files against their pinned checksums."""
+    for fname, md5 in spec(name).files.items():
+        f = root / name / fname
+        if not f.is_file():
+            raise DataError(
+                f"missing data file: {f} (dataset '{name}' is not fetched; run "
+                f"`python -m diffusion_models fetch {name}` where the network is reachable)"
+            )
+        got = md5sum(f)
+        if got != md5:
+            raise DataError(f"corrupt data file: {f} has md5 {got}, expected {md5} (data.dvc)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _digits(split: str, split_seed: int, test_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.uint8)[:, None]  # [1797, 1, 8, 8] in {0..16}
+    labels = bunch.target.astype(np.int64)
+    if not 0 < test_size < len(images):
+        raise DataError(f"digits: test_size must be in (0, {len(images)}), got {test_size}")
+    perm = np.random.default_rng(split_seed).permutation(len(images))
+    idx = perm[:test_size] if split == "test" else perm[test_size:]
+    idx = np.sort(idx)
+    return images[idx], labels[idx]
+
+
+def load(name: str, split: str = "train", root: str | Path = "data/raw", *,
+         split_seed: int = 0, test_size: int = 297, check: bool = True) -> Dataset:
+    """Load `split` of dataset `name` as integer images in {0..levels-1}."""
+    sp = spec(name)
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; expected one of {SPLITS}")
+    root = Path(root)
+    if name == "digits":
+        images, labels = _digits(split, split_seed, test_size)
+    else:
+        if check:
+            verify(root, name)
+        if name == "mnist":
+            prefix = "train" if split == "train" else "t10k"
+            images = read_idx(root / name / f"{prefix}-images-idx3-ubyte.gz")[:, None]
+            labels = read_idx(root / name / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+        else:
+            images, labels = read_cifar10(root / name / "cifar-10-python.tar.gz", split)
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.shape[1:] != sp.shape or len(labels) != len(images):
+        raise DataError(f"{name}/{split}: expected images [N, {sp.shape}] and N labels, "
+                        f"got {images.shape} and {len(labels)} labels")
+    if images.max(initial=0) >= sp.levels:
+        raise DataError(f"{name}/{split}: pixel value {images.max()} outside 0..{sp.levels - 1}")
+    return Dataset(name, split, images, np.asarray(labels, np.int64), sp.levels)
+
+
+# ----------------------------------------------------------------------------- prepared
+
+
+def save_prepared(ds: Dataset, path: str | Path) -> None:
+    from .runtime import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=ds.images, labels=ds.labels, levels=ds.levels,
+                     name=ds.name, split=ds.split)
+
+
+def load_prepared(path: str | Path) -> Dataset:
+    """Read a split written by the prepare stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing prepared data: {path} (run the prepare stage: `dvc repro prepare`)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Dataset(str(z["name"]), str(z["split"]), z["images"], z["labels"], int(z["levels"]))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"corrupt prepared data {path}: {e}") from None

@@ -1,0 +1,79 @@
+"""The common model interface (DESIGN.md): evaluation code relies on this and nothing else."""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    """A likelihood-based generative model of integer images x in {0..L-1}^[C,H,W].
+
+    Subclasses set `family`, a `Config` dataclass (their hyper-parameters with defaults),
+    and implement `loss`, `nll_terms`, `sample` and `estimators`.
+    """
+
+    family: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, shape: tuple[int, int, int], levels: int, cfg: Any):
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"levels must be >= 2, got {levels}")
+        self.shape = tuple(int(s) for s in shape)
+        self.levels = int(levels)
+        self.cfg = cfg
+        self.name = ""  # set by models.build
+
+    @property
+    def dims(self) -> int:
+        """D = C*H*W, the number of discrete dimensions per example."""
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def num_params(self) -> int:
+        """Number of fitted scalars (trainable parameters, plus fitted buffers if any)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Optional data-dependent initialisation from the training split (default: none)."""
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Scalar training loss for a batch of integer images x [B,C,H,W]."""
+        raise NotImplementedError
+
+    def nll_terms(self, x: torch.Tensor, **estimator: Any) -> dict[str, torch.Tensor]:
+        """Named per-example terms (nats, each [B]) whose sum is an upper bound on -log P(x)."""
+        raise NotImplementedError
+
+    def nll_bound(self, x: torch.Tensor, **estimator: Any) -> torch.Tensor:
+        """Upper bound on -log P(x) in nats per example, [B]."""
+        terms = self.nll_terms(x, **estimator)
+        return torch.stack(list(terms.values())).sum(0)
+
+    def estimators(self, ecfg: Any) -> list[tuple[str, dict[str, Any]]]:
+        """The bounds this model reports under eval config `ecfg`: (label, kwargs for nll_terms)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None, **sampler: Any) -> torch.Tensor:
+        """n integer images [n,C,H,W] in {0..L-1}."""
+        raise NotImplementedError
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if x.dtype.is_floating_point or tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"{self.name}: expected integer images [B, {self.shape}], "
+                             f"got {x.dtype} {tuple(x.shape)}")
+
+    @staticmethod
+    def _reject(estimator: dict[str, Any], name: str) -> None:
+        if estimator:
+            raise ValueError(f"{name} does not support estimator option(s) {sorted(estimator)}")

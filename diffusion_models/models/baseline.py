@@ -1,0 +1,61 @@
+"""Independent per-pixel categorical: the "no structure" reference row of every table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from .base import Model
+
+
+@register("baseline")
+class PixelCategorical(Model):
+    """p(x) = prod_d Cat(x_d; pi_d), fitted in closed form (smoothed counts) on the train split."""
+
+    family = "baseline"
+
+    @dataclass
+    class Config:
+        alpha: float = 1.0  # additive (Laplace) smoothing of the per-pixel counts
+
+    def __init__(self, shape, levels, cfg):
+        super().__init__(shape, levels, cfg)
+        if cfg.alpha <= 0:
+            raise ValueError(f"baseline: alpha must be > 0 (a zero count would give an infinite NLL), got {cfg.alpha}")
+        # uniform until fitted: log-probabilities [D, L]
+        self.register_buffer("log_probs", torch.full((self.dims, levels), -torch.log(torch.tensor(float(levels)))))
+
+    def num_params(self) -> int:
+        return self.dims * (self.levels - 1)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        self._check_x(x)
+        onehot = F.one_hot(x.reshape(len(x), -1).long(), self.levels)  # [N, D, L]
+        counts = onehot.sum(0).double() + self.cfg.alpha
+        self.log_probs.copy_((counts / counts.sum(-1, keepdim=True)).log().float())
+
+    def _nll(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_x(x)
+        flat = x.reshape(len(x), -1).long()  # [B, D]
+        return -self.log_probs.gather(1, flat.T).T.sum(1)  # [B]
+
+    def loss(self, x):
+        return self._nll(x).mean() / self.dims
+
+    def nll_terms(self, x, **estimator):
+        self._reject(estimator, "baseline")
+        return {"nll": self._nll(x)}
+
+    def estimators(self, ecfg):
+        return [("exact", {})]
+
+    @torch.no_grad()
+    def sample(self, n, generator=None, **sampler: Any):
+        self._reject(sampler, "baseline")
+        probs = self.log_probs.exp()  # [D, L]
+        idx = torch.multinomial(probs, n, replacement=True, generator=generator)  # [D, n]
+        return idx.T.reshape(n, *self.shape)
