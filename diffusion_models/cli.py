@@ -27,7 +27,8 @@ from .runtime import device_label, read_json, resolve_device, seed_everything, v
 PREPARED = Path("data/prepared")
 CHECKPOINTS = Path("results/checkpoints")
 TRAIN_RECORDS = Path("results/train")
-METRICS = Path("results/metrics")
+EVAL_RECORDS = Path("results/eval")
+METRICS = Path("results/metrics")  # compact numeric summaries: what `dvc metrics show` lists
 LIVE = Path("results/live")
 RESULTS = Path("results")
 
@@ -103,6 +104,9 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     }
     models.save(model, CHECKPOINTS / f"{name}.pt", resolved=resolved, train=result.as_dict())
     write_json(TRAIN_RECORDS / f"{name}.json", record)
+    write_json(METRICS / f"{name}.train.json",
+               {k: record[k] for k in ("params", "images_seen", "train_flops", "train_seconds",
+                                       "images_per_sec")})
     print(f"trained {name}: {result.images_seen} images in {result.train_seconds:.1f}s "
           f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
     return record
@@ -124,7 +128,11 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     record = {"model": name, "family": model.family, "dataset": test_ds.name,
               "n_test": len(test_ds), "bounds": bounds, "device": device_label(dev),
               "eval_config": dataclasses.asdict(cfg.evaluate), "versions": versions()}
-    write_json(METRICS / f"{name}.json", record)
+    write_json(EVAL_RECORDS / f"{name}.json", record)
+    write_json(METRICS / f"{name}.json", {
+        "bpd": {label: b["bpd"] for label, b in bounds.items()},
+        "bpd_se": {label: b["bpd_se"] for label, b in bounds.items()},
+    })
     for label, b in bounds.items():
         print(f"{name} {label}: {b['bpd']:.4f} ± {b['bpd_se']:.4f} bits/dim ({b['seconds']:.1f}s)")
     return record
@@ -133,7 +141,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
 def compare(cfg: Config) -> None:
     names = list(cfg.models)
     trains = [read_json(TRAIN_RECORDS / f"{m}.json") for m in names]
-    evals = [read_json(METRICS / f"{m}.json") for m in names]
+    evals = [read_json(EVAL_RECORDS / f"{m}.json") for m in names]
     nll = report.nll_table(evals)
     comp = report.comparison_table(trains, nll)
     caption = report.provenance(trains, cfg.train.images)
@@ -180,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_mod.load_params(args.params)
+        for name, overrides in cfg.models.items():  # unknown models / override keys: fail early
+            models.make_config(name, overrides)
         if args.cmd == "prepare":
             prepare(cfg)
         elif args.cmd == "train":

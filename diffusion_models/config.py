@@ -46,7 +46,7 @@ class TrainConfig:
 class EvalConfig:
     iwae_k: int = 1000            # importance samples for IWAE-K (models that support it)
     batch_size: int = 64          # test examples per bound evaluation batch
-    chunk: int = 65_536           # max (examples x samples) per network pass
+    chunk: int = 4096             # max (examples x samples) per network pass
     seed: int = 0
 
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class _BatchUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str):  # noqa: D102
@@ -251,5 +253,5 @@ def load_prepared(path: str | Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as z:
             return Dataset(str(z["name"]), str(z["split"]), z["images"], z["labels"], int(z["levels"]))
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"corrupt prepared data {path}: {e}") from None

@@ -69,8 +69,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, caption: list[str]) ->
     nfmt = nll.copy()
     for c in [c for c in nfmt.columns if c.startswith("term_")] + ["nats", "nats_se"]:
         nfmt[c] = nfmt[c].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
-    nfmt["bpd"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(nfmt.pop("bpd"), nfmt.pop("bpd_se"))]
-    nfmt = nfmt.rename(columns={"bpd": "bits/dim ± SE"})
+    nfmt["bits/dim ± SE"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(nfmt["bpd"], nfmt["bpd_se"])]
+    terms = [c for c in nfmt.columns if c.startswith("term_")]
+    nfmt = nfmt[["model", "estimator", "bits/dim ± SE", "nats", "nats_se", "n_test"] + terms]
     lines = ["# Model comparison", ""] + [f"- {c}" for c in caption] + [
         "",
         "Bounds are upper bounds on -log P(x) of the discrete test images, in bits/dim "

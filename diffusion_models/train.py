@@ -59,8 +59,11 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     model.init_from_data(images)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return TrainResult(0, 0, 0.0, 0.0, 0.0, 0.0, float(model.loss(images).item()))
+    if not params:  # fitted in closed form: log its training loss once, as step 0
+        loss = float(model.loss(images).item())
+        if log is not None:
+            log(0, 0, loss)
+        return TrainResult(0, 0, 0.0, 0.0, 0.0, 0.0, loss)
 
     n = len(images)
     sizes = batch_sizes(cfg.images, cfg.batch_size)

@@ -29,7 +29,7 @@ class VAE(Model):
     @dataclass
     class Config:
         latent_dim: int = 16
-        width: int = 64
+        width: int = 32
         min_log_scale: float = -7.0  # floor of the decoder's logistic log-scale
 
     def __init__(self, shape, levels, cfg):
@@ -80,7 +80,7 @@ class VAE(Model):
         return -(torch.logsumexp(log_w, 0) - math.log(k))
 
     @torch.no_grad()
-    def nll_terms(self, x, k: int = 1, chunk: int = 65_536, **estimator: Any):
+    def nll_terms(self, x, k: int = 1, chunk: int = 4096, **estimator: Any):
         self._reject(estimator, "vae")
         self._check_x(x)
         if k < 1:

@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine (see README):
+#   make repro   - create .venv, install the pinned dependencies, run `dvc repro`
+#   make test    - the same set-up if needed, then the whole test suite (slow tests included)
+PYTHON ?= python3
+VENV   := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup repro test bench clean-venv
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -r requirements.lock
+	$(VENV)/bin/python -m pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest tests
+
+bench: setup
+	python -m pytest benchmarks --benchmark-enable --benchmark-autosave --benchmark-storage=results/benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from diffusion_models import models
+from diffusion_models.config import Config, ConfigError, load_params, parse
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_load():
+    cfg = load_params(REPO / "params.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.data.name == "digits"
+    assert set(cfg.models) >= {"baseline", "vae"}
+
+
+def test_defaults_fill_missing_keys():
+    cfg = parse({"train": {"images": 1000}})
+    assert cfg.train.images == 1000
+    assert cfg.train.batch_size == Config().train.batch_size
+    assert cfg.evaluate.iwae_k == Config().evaluate.iwae_k
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"trian": {}}, "trian"),
+    ({"train": {"imgaes": 10}}, "train.imgaes"),
+    ({"evaluate": {"iwae": 5}}, "evaluate.iwae"),
+])
+def test_unknown_key_named(raw, key):
+    with pytest.raises(ConfigError, match=rf"unknown param key '{key}'"):
+        parse(raw)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"images": "many"}}, "train.images"),
+    ({"train": {"images": 1.5}}, "train.images"),
+    ({"train": {"images": True}}, "train.images"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
+    ({"data": {"name": 3}}, "data.name"),
+    ({"models": ["vae"]}, "models"),
+])
+def test_wrong_type_named(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse(raw)
+
+
+@pytest.mark.parametrize("key, value", [("images", -1), ("images", 0), ("batch_size", 0), ("lr", -1e-3)])
+def test_non_positive_budget_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"train\.{key} must be > 0"):
+        parse({"train": {key: value}})
+
+
+def test_int_accepted_for_float():
+    assert parse({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_model_override_unknown_key_names_model_and_key():
+    with pytest.raises(ConfigError, match=r"unknown param key 'models\.vae\.latent'"):
+        models.build("vae", shape=(1, 8, 8), levels=17, latent=3)
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  images: -5\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: train\.images must be > 0"):
+        load_params(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(p)

@@ -1,0 +1,198 @@
+import gzip
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from diffusion_models import data
+from diffusion_models.data import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, arr: np.ndarray, compress: bool = True) -> None:
+    """Write uint8 `arr` in the IDX format (big-endian dims after a 0x0000 08 nd magic)."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    raw = header + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def cifar_batch(n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    batch = {b"batch_label": b"x", b"labels": rng.integers(0, 10, n).tolist(),
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"f"] * n}
+    return pickle.dumps(batch, protocol=2)
+
+
+def write_cifar_tar(path: Path, batches: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def make_mnist(root: Path, n_train=12, n_test=5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    d = root / "mnist"
+    d.mkdir(parents=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        arrays[prefix] = (imgs, labels)
+    return arrays
+
+
+# ------------------------------------------------------------------------------ digits
+
+def test_digits_split_is_fixed_disjoint_and_discrete():
+    tr, te = data.load("digits", "train"), data.load("digits", "test")
+    assert tr.images.shape == (1500, 1, 8, 8) and te.images.shape == (297, 1, 8, 8)
+    assert tr.levels == te.levels == 17
+    assert tr.images.dtype == np.uint8 and tr.images.max() <= 16
+    assert len(tr.labels) == 1500 and set(np.unique(tr.labels)) == set(range(10))
+    # disjoint: together they are exactly the 1797 UCI images
+    from sklearn.datasets import load_digits
+    allimg = load_digits().images.astype(np.uint8).reshape(1797, -1)
+    both = np.concatenate([tr.images, te.images]).reshape(1797, -1)
+    key = lambda a: sorted(map(bytes, a))  # noqa: E731
+    assert key(both) == key(allimg)
+    again = data.load("digits", "test")
+    assert np.array_equal(again.images, te.images)
+    other = data.load("digits", "test", split_seed=1)
+    assert not np.array_equal(other.images, te.images)
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(DataError, match="unknown dataset 'svhn'"):
+        data.load("svhn")
+    with pytest.raises(DataError, match="unknown split 'val'"):
+        data.load("digits", "val")
+
+
+# ------------------------------------------------------------------------------ IDX
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_roundtrip(tmp_path, compress):
+    arr = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    p = tmp_path / ("x.idx.gz" if compress else "x.idx")
+    write_idx(p, arr, compress)
+    assert np.array_equal(data.read_idx(p), arr)
+
+
+def test_idx_truncated_names_file(tmp_path):
+    arr = np.zeros((4, 28, 28), np.uint8)
+    p = tmp_path / "trunc-images-idx3-ubyte"
+    write_idx(p, arr, compress=False)
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"trunc-images-idx3-ubyte: truncated or corrupt IDX file"):
+        data.read_idx(p)
+
+
+def test_idx_bad_magic_and_bad_gzip(tmp_path):
+    p = tmp_path / "junk"
+    p.write_bytes(b"\x01\x02\x03\x04hello")
+    with pytest.raises(DataError, match="not an IDX file"):
+        data.read_idx(p)
+    g = tmp_path / "junk.gz"
+    g.write_bytes(gzip.compress(b"\x00" * 100)[:20])
+    with pytest.raises(DataError, match=r"corrupt or truncated gzip file .*junk\.gz"):
+        data.read_idx(g)
+    with pytest.raises(DataError, match="missing data file"):
+        data.read_idx(tmp_path / "nope.gz")
+
+
+def test_mnist_load_from_native_files(tmp_path):
+    arrays = make_mnist(tmp_path)
+    tr = data.load("mnist", "train", tmp_path, check=False)
+    te = data.load("mnist", "test", tmp_path, check=False)
+    assert tr.images.shape == (12, 1, 28, 28) and tr.levels == 256
+    assert np.array_equal(tr.images[:, 0], arrays["train"][0])
+    assert np.array_equal(te.labels, arrays["t10k"][1])
+
+
+def test_mnist_checksum_mismatch_is_an_error(tmp_path):
+    make_mnist(tmp_path)
+    with pytest.raises(DataError, match=r"corrupt data file: .*train-images-idx3-ubyte\.gz has md5"):
+        data.load("mnist", "train", tmp_path)
+
+
+def test_real_dataset_missing_says_how_to_fetch(tmp_path):
+    with pytest.raises(DataError, match=r"missing data file: .*mnist.*fetch mnist"):
+        data.load("mnist", "train", tmp_path)
+
+
+# ------------------------------------------------------------------------------ CIFAR-10
+
+def test_cifar_tarball_and_folder(tmp_path):
+    batches = {f"data_batch_{i}": cifar_batch(3, i) for i in range(1, 6)}
+    batches["test_batch"] = cifar_batch(4, 9)
+    root = tmp_path / "cifar10"
+    root.mkdir()
+    write_cifar_tar(root / "cifar-10-python.tar.gz", batches)
+    tr = data.load("cifar10", "train", tmp_path, check=False)
+    te = data.load("cifar10", "test", tmp_path, check=False)
+    assert tr.images.shape == (15, 3, 32, 32) and te.images.shape == (4, 3, 32, 32)
+    first = pickle.loads(batches["data_batch_1"])
+    # CIFAR rows are channel-major: 1024 R, then 1024 G, then 1024 B values
+    assert np.array_equal(tr.images[0, 1].ravel(), first[b"data"][0, 1024:2048])
+    assert tr.labels[:3].tolist() == first[b"labels"]
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    for name, blob in batches.items():
+        (folder / name).write_bytes(blob)
+    imgs, labels = data.read_cifar10(folder, "test")
+    assert np.array_equal(imgs, te.images) and np.array_equal(labels, te.labels)
+
+
+def test_cifar_corrupt_batch_and_archive(tmp_path):
+    batches = {f"data_batch_{i}": cifar_batch(2, i) for i in range(1, 6)}
+    batches["data_batch_3"] = batches["data_batch_3"][:50]  # truncated pickle
+    batches["test_batch"] = cifar_batch(2, 7)
+    p = tmp_path / "c.tar.gz"
+    write_cifar_tar(p, batches)
+    with pytest.raises(DataError, match=r"c\.tar\.gz:data_batch_3: corrupt CIFAR-10 batch"):
+        data.read_cifar10(p, "train")
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"corrupt or truncated archive .*c\.tar\.gz"):
+        data.read_cifar10(p, "train")
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    blob = pickle.dumps({b"data": Evil(), b"labels": []})
+    with pytest.raises(DataError, match="forbidden global"):
+        data.read_cifar_batch(blob, "evil")
+
+
+# ------------------------------------------------------------------------------ pins
+
+def test_data_dvc_pins_match_reader_checksums():
+    pins = yaml.safe_load((REPO / "data.dvc").read_text())
+    assert pins.get("frozen") is True
+    pinned = {Path(o["path"]).name: (Path(o["path"]).parent.name, o["md5"]) for o in pins["outs"]}
+    expected = {f: (name, md5) for name in data.names() for f, md5 in data.spec(name).files.items()}
+    assert pinned == expected
+
+
+def test_prepared_roundtrip_and_corruption(tmp_path):
+    ds = data.load("digits", "test")
+    p = tmp_path / "test.npz"
+    data.save_prepared(ds, p)
+    back = data.load_prepared(p)
+    assert np.array_equal(back.images, ds.images) and back.levels == 17 and back.name == "digits"
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(DataError, match="corrupt prepared data"):
+        data.load_prepared(p)
+    with pytest.raises(DataError, match="missing prepared data"):
+        data.load_prepared(tmp_path / "none.npz")
