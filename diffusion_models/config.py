@@ -45,6 +45,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     iwae_k: int = 1000            # importance samples for IWAE-K (models that support it)
+    t_samples: int = 50           # diffusion: stratified times per example for the Monte Carlo
+                                  # estimate of the sum over t (0 = exact sum over all T terms)
     batch_size: int = 64          # test examples per bound evaluation batch
     chunk: int = 4096             # max (examples x samples) per network pass
     seed: int = 0
@@ -63,7 +65,7 @@ class Config:
 
 _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every",
              "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size"}
-_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads"}
+_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "evaluate.t_samples"}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

@@ -1,6 +1,8 @@
 """Network building blocks shared by the models (shape-agnostic: 8x8, 28x28, 32x32)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -60,3 +62,83 @@ class ConvDecoder(nn.Module):
         for size, up in zip(self.sizes[1:], self.ups):
             h = up(F.interpolate(h, size=size, mode="nearest"))
         return self.out(self.refine(h))
+
+
+# ----------------------------------------------------------------------------- U-Net
+# The one backbone every diffusion variant shares (Ho et al. 2020 style, no attention).
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) times t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(max_period)) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(c, 8), c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, 1, 1))
+        self.emb = nn.Linear(emb_dim, cout)
+        self.out_layers = nn.Sequential(_norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, 1, 1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class UNet(nn.Module):
+    """eps/x0/score network f(x_t, t): [B,C,H,W], [B] -> [B,out_channels,H,W].
+
+    One ResBlock per resolution on the way down and up, channel multipliers `mults`,
+    stride-2 downsampling and nearest upsampling to the skip's exact size (so 28x28 works).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], width: int = 32, mults: tuple[int, ...] = (1, 2),
+                 out_channels: int | None = None):
+        super().__init__()
+        c = shape[0]
+        self.emb_dim = emb_dim = 2 * width
+        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.width = width
+        self.inp = nn.Conv2d(c, width, 3, 1, 1)
+        chans = [width * m for m in mults]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        ch = width
+        for i, co in enumerate(chans):
+            self.down.append(ResBlock(ch, co, emb_dim))
+            ch = co
+            if i < len(chans) - 1:
+                self.downsample.append(nn.Conv2d(ch, ch, 3, 2, 1))
+        self.mid = ResBlock(ch, ch, emb_dim)
+        self.up = nn.ModuleList()
+        for co in reversed(chans):
+            self.up.append(ResBlock(ch + co, co, emb_dim))
+            ch = co
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels or c, 3, 1, 1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.width))
+        h = self.inp(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, emb)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid(h, emb)
+        for block in self.up:
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], 1), emb)
+        return self.out(h)
