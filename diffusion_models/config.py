@@ -36,6 +36,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0        # max global grad norm; 0 disables
+    ema: float = 0.0              # decay of an exponential moving average of the weights,
+                                  # evaluated instead of the raw weights; 0 disables
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
@@ -59,13 +61,15 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     # model name -> overrides of that model's own config class (checked at build time)
     models: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"baseline": {}, "vae": {}}
+        default_factory=lambda: {name: {} for name in
+                                 ("baseline", "vae", "hvae", "ddpm", "ddpm_x0", "ddpm_score", "iddpm", "vdm")}
     )
 
 
 _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every",
              "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size"}
-_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "evaluate.t_samples"}
+_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema",
+                 "evaluate.t_samples"}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -132,6 +136,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key} must be > 0, got {value!r}")
         if key in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if cfg.train.ema >= 1:
+        raise ConfigError(f"train.ema must be < 1, got {cfg.train.ema!r}")
     if not cfg.models:
         raise ConfigError("models: at least one model must be listed")
 

@@ -24,15 +24,29 @@ def from_unit(y: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.round((y.clamp(-1, 1) + 1.0) * ((levels - 1) / 2.0)).long()
 
 
-def _log_sigmoid_diff(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """log(sigmoid(upper) - sigmoid(lower)) for upper > lower, stable in both tails."""
-    # sigmoid(u) - sigmoid(l) == sigmoid(-l) - sigmoid(-u): evaluate on the side of zero
-    # where the sigmoids are small, so that neither saturates to 1.
+def _log_cdf_diff(upper: torch.Tensor, lower: torch.Tensor, log_cdf) -> torch.Tensor:
+    """log(F(upper) - F(lower)) for upper > lower and a CDF F symmetric about 0.
+
+    F(u) - F(l) == F(-l) - F(-u): evaluate on the side of zero where F is small, so
+    neither value saturates to 1, then log(a - b) = log a + log(-expm1(log b - log a)).
+    """
     flip = (upper + lower) > 0
     u = torch.where(flip, -lower, upper)
     lo = torch.where(flip, -upper, lower)
-    log_u, log_l = F.logsigmoid(u), F.logsigmoid(lo)
+    log_u, log_l = log_cdf(u), log_cdf(lo)
     return log_u + torch.log(-torch.expm1(log_l - log_u))
+
+
+def _discretized_log_prob(x, mean, log_scale, levels, log_cdf) -> torch.Tensor:
+    half_bin = 1.0 / (levels - 1)
+    centred = to_unit(x, levels) - mean
+    inv_s = torch.exp(-log_scale)
+    upper = (centred + half_bin) * inv_s
+    lower = (centred - half_bin) * inv_s
+    inner = _log_cdf_diff(upper, lower, log_cdf)
+    first = log_cdf(upper)   # bin 0 covers (-inf, upper]
+    last = log_cdf(-lower)   # bin L-1 covers [lower, +inf)
+    return torch.where(x == 0, first, torch.where(x == levels - 1, last, inner))
 
 
 def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
@@ -41,15 +55,13 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
 
     x: integer [..] in {0..L-1}; mean, log_scale: float [..] in the [-1, 1] data scale.
     """
-    half_bin = 1.0 / (levels - 1)
-    centred = to_unit(x, levels) - mean
-    inv_s = torch.exp(-log_scale)
-    upper = (centred + half_bin) * inv_s
-    lower = (centred - half_bin) * inv_s
-    inner = _log_sigmoid_diff(upper, lower)
-    first = F.logsigmoid(upper)          # bin 0 covers (-inf, upper]
-    last = F.logsigmoid(-lower)          # bin L-1 covers [lower, +inf)
-    return torch.where(x == 0, first, torch.where(x == levels - 1, last, inner))
+    return _discretized_log_prob(x, mean, log_scale, levels, F.logsigmoid)
+
+
+def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
+                                  levels: int) -> torch.Tensor:
+    """log P(x) per pixel for N(mean, exp(log_scale)^2) integrated over x's bin (DDPM's L_0)."""
+    return _discretized_log_prob(x, mean, log_scale, levels, torch.special.log_ndtr)
 
 
 def sample_discretized_logistic(mean: torch.Tensor, log_scale: torch.Tensor, levels: int,

@@ -22,46 +22,49 @@ class ConvBlock(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cout, 3, stride, 1), nn.SiLU())
 
 
+BOTTLENECK = (4, 4)  # spatial size at the VAE's linear bottleneck, for every image size
+
+
+def half_size(size: tuple[int, int]) -> tuple[int, int]:
+    return ((size[0] + 1) // 2, (size[1] + 1) // 2)
+
+
 class ConvEncoder(nn.Module):
-    """[B,C,H,W] -> [B, out_features]: conv pyramid down to <= 4x4, then a linear head."""
+    """[B,C,H,W] -> [B, out_features]: convs at full and half resolution, pooled to 4x4, linear.
+
+    The same layers for every image size, so parameter counts do not depend on the dataset.
+    """
 
     def __init__(self, shape: tuple[int, int, int], width: int, out_features: int):
         super().__init__()
-        c, h, w = shape
-        self.sizes = down_sizes(h, w)
-        layers: list[nn.Module] = [ConvBlock(c, width)]
-        for _ in self.sizes[1:]:
-            layers += [ConvBlock(width, width, stride=2), ConvBlock(width, width)]
-        self.body = nn.Sequential(*layers)
-        hb, wb = self.sizes[-1]
-        self.head = nn.Linear(width * hb * wb, out_features)
+        c = shape[0]
+        self.body = nn.Sequential(ConvBlock(c, width), ConvBlock(width, width, stride=2), ConvBlock(width, width))
+        self.head = nn.Linear(width * BOTTLENECK[0] * BOTTLENECK[1], out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x).flatten(1))
+        h = self.body(x)
+        if h.shape[-2:] != BOTTLENECK:
+            h = F.adaptive_avg_pool2d(h, BOTTLENECK)
+        return self.head(h.flatten(1))
 
 
 class ConvDecoder(nn.Module):
-    """[B, in_features] -> [B, out_channels, H, W]: linear stem at <= 4x4, then upsampling convs."""
+    """[B, in_features] -> [B, out_channels, H, W]: linear to 4x4, then convs at half and full size."""
 
     def __init__(self, shape: tuple[int, int, int], width: int, in_features: int, out_channels: int):
         super().__init__()
-        _, h, w = shape
-        self.sizes = down_sizes(h, w)[::-1]  # small -> full
+        self.size = tuple(shape[1:])
         self.width = width
-        hb, wb = self.sizes[0]
-        self.stem = nn.Sequential(nn.Linear(in_features, width * hb * wb), nn.SiLU())
-        self.ups = nn.ModuleList(
-            nn.Sequential(ConvBlock(width, width), ConvBlock(width, width)) for _ in self.sizes[1:]
-        )
-        self.refine = ConvBlock(width, width)
+        self.stem = nn.Sequential(nn.Linear(in_features, width * BOTTLENECK[0] * BOTTLENECK[1]), nn.SiLU())
+        self.at_half = ConvBlock(width, width)
+        self.full = nn.Sequential(ConvBlock(width, width), ConvBlock(width, width))
         self.out = nn.Conv2d(width, out_channels, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        hb, wb = self.sizes[0]
-        h = self.stem(z).view(len(z), self.width, hb, wb)
-        for size, up in zip(self.sizes[1:], self.ups):
-            h = up(F.interpolate(h, size=size, mode="nearest"))
-        return self.out(self.refine(h))
+        h = self.stem(z).view(len(z), self.width, *BOTTLENECK)
+        h = self.at_half(F.interpolate(h, size=half_size(self.size), mode="nearest"))
+        h = self.full(F.interpolate(h, size=self.size, mode="nearest"))
+        return self.out(h)
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -101,13 +104,14 @@ class UNet(nn.Module):
     """
 
     def __init__(self, shape: tuple[int, int, int], width: int = 32, mults: tuple[int, ...] = (1, 2),
-                 out_channels: int | None = None):
+                 out_channels: int | None = None, extra_in: int = 0):
         super().__init__()
         c = shape[0]
+        self.c = c
         self.emb_dim = emb_dim = 2 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.width = width
-        self.inp = nn.Conv2d(c, width, 3, 1, 1)
+        self.inp = nn.Conv2d(c + extra_in, width, 3, 1, 1)
         chans = [width * m for m in mults]
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -125,10 +129,12 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels or c, 3, 1, 1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.out_channels = out_channels or c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,C,H,W], t [B]; `extra` [B,extra_in,H,W] are further input channels (e.g. Fourier)."""
         emb = self.time_mlp(timestep_embedding(t, self.width))
-        h = self.inp(x)
+        h = self.inp(x if extra is None else torch.cat([x, extra], 1))
         skips = []
         for i, block in enumerate(self.down):
             h = block(h, emb)
@@ -142,3 +148,15 @@ class UNet(nn.Module):
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], 1), emb)
         return self.out(h)
+
+
+def fourier_features(x: torch.Tensor, levels: int, octaves: tuple[int, ...]) -> torch.Tensor:
+    """sin/cos(pi (L-1) 2^k x) for each k in `octaves`: [B,C,H,W] -> [B, 2*len(octaves)*C, H, W].
+
+    With k = 0 the period is one bin of the L-level grid on [-1, 1], so the features expose a
+    point's offset from its nearest bin centre: the fine detail a small network cannot
+    otherwise resolve at low noise (Kingma et al. 2021, "Fourier features", appendix C).
+    """
+    freqs = torch.tensor([math.pi * (levels - 1) * 2.0**k for k in octaves], device=x.device)
+    f = (x[:, None] * freqs.view(1, -1, 1, 1, 1)).flatten(1, 2)  # [B, K*C, H, W]
+    return torch.cat([torch.sin(f), torch.cos(f)], 1)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
@@ -69,6 +70,8 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     sizes = batch_sizes(cfg.images, cfg.batch_size)
     flops_per_image = measure_flops(model, images[: min(cfg.batch_size, n)])
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema > 0 else None)
     model.train()
     perm, cursor = torch.randperm(n, generator=gen), 0
     window: list[float] = []
@@ -90,6 +93,8 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         seen += bs
         window.append(loss.item())
         bar.update(bs)
@@ -100,6 +105,8 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
                 log(step, seen, mean_loss)
             final_loss, window = mean_loss, []
     bar.close()
+    if ema is not None:  # evaluate (and save) the averaged weights
+        model.load_state_dict(ema.module.state_dict())
     model.eval()
     seconds = time.perf_counter() - start
     return TrainResult(seen, len(sizes), seconds, seen / seconds, flops_per_image,

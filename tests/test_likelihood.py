@@ -74,3 +74,21 @@ def test_unit_roundtrip_and_bits():
     x = torch.arange(17)
     assert torch.equal(lk.from_unit(lk.to_unit(x, 17), 17), x)
     assert lk.bits_per_dim(64 * math.log(17), 64) == pytest.approx(math.log2(17))
+
+
+@pytest.mark.parametrize("levels", [2, 17, 256])
+def test_gaussian_bins_sum_to_one_and_match_scipy(levels):
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(1000, generator=g) * 2
+    log_scale = torch.rand(1000, generator=g) * 10 - 7
+    xs = torch.arange(levels).view(-1, 1).expand(levels, 1000)
+    lp = lk.discretized_gaussian_log_prob(xs, mean.expand_as(xs), log_scale.expand_as(xs), levels)
+    assert torch.isfinite(lp).all()
+    assert torch.logsumexp(lp.double(), 0).abs().max().item() < 1e-4
+    # independent: float64 differences of scipy's normal CDF, where they are accurate
+    c = 2 * xs.numpy() / (levels - 1) - 1
+    m, sd = mean.double().numpy(), np.exp(log_scale.double().numpy())
+    up = np.where(xs.numpy() == levels - 1, 1.0, stats.norm.cdf(c + 1 / (levels - 1), m, sd))
+    lo = np.where(xs.numpy() == 0, 0.0, stats.norm.cdf(c - 1 / (levels - 1), m, sd))
+    ok = up - lo > 1e-9
+    np.testing.assert_allclose(lp.double().numpy()[ok], np.log((up - lo)[ok]), rtol=1e-3, atol=1e-4)

@@ -72,4 +72,4 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Mo
 
 
 # Importing the model files registers them.
-from . import baseline, vae  # noqa: E402,F401
+from . import baseline, diffusion, hvae, vae, vdm  # noqa: E402,F401

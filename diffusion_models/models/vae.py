@@ -29,7 +29,7 @@ class VAE(Model):
     @dataclass
     class Config:
         latent_dim: int = 16
-        width: int = 32
+        width: int = 36  # ~88k parameters: matched to the shared U-Net (~86k)
         min_log_scale: float = -7.0  # floor of the decoder's logistic log-scale
 
     def __init__(self, shape, levels, cfg):

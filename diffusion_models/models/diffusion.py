@@ -1,0 +1,274 @@
+"""Discrete-time Gaussian diffusion: DDPM with eps / x0 / score targets, and IDDPM.
+
+Notation (Ho et al. 2020): t in {1..T}, alpha_bar_t = prod_{s<=t} (1 - beta_s),
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps. Arrays indexed by t hold a dummy
+entry at index 0 (alpha_bar_0 = 1). Data x_0 are the bin centres of the integer pixels in
+[-1, 1]; the bound is on the discrete P(x) via a discretized Gaussian decoder L_0:
+
+    -log P(x) <= L_T + sum_{t=2}^T L_{t-1} + L_0       ("prior", "diffusion", "reconstruction")
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .. import likelihood as lk
+from ..nets import UNet, fourier_features
+from . import register
+from .base import Model
+
+
+def make_betas(schedule: str, T: int) -> torch.Tensor:
+    """beta_1..beta_T (float64) for the 'linear' (Ho et al.) or 'cosine' (Nichol & Dhariwal) schedule."""
+    if schedule == "linear":
+        scale = 1000.0 / T  # keeps the schedule's total noise when T != 1000
+        if scale * 0.02 >= 1:
+            raise ValueError(f"linear schedule needs T > 20 (beta_T = {scale * 0.02:g} >= 1 at T={T})")
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown noise schedule '{schedule}'; use 'linear' or 'cosine'")
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+
+
+class GaussianDiffusion(Model):
+    """Shared machinery; subclasses pick the network target and the training loss."""
+
+    family = "diffusion"
+    target: ClassVar[str] = "eps"  # what the network predicts: eps | x0 | score
+
+    @dataclass
+    class Config:
+        T: int = 1000
+        schedule: str = "linear"
+        learn_sigma: bool = False     # IDDPM: interpolate log-variance between beta_t and beta~_t
+        hybrid_lambda: float = 0.0    # weight of L_vlb in the loss (IDDPM: 0.001)
+        width: int = 16
+        mults: list[int] = field(default_factory=lambda: [1, 2])
+        clip_x0: bool = True          # clip the predicted x_0 to the data range [-1, 1]
+        fourier: list[int] = field(default_factory=lambda: [0])  # octaves of the bin-grid Fourier
+                                      # features of x_t / sqrt(alpha_bar_t) fed to the U-Net
+
+    def __init__(self, shape, levels, cfg):
+        super().__init__(shape, levels, cfg)
+        if cfg.T < 2:
+            raise ValueError(f"{type(self).__name__}: T must be >= 2, got {cfg.T}")
+        c = shape[0]
+        self.net = UNet(self.shape, cfg.width, tuple(cfg.mults), out_channels=2 * c if cfg.learn_sigma else c,
+                        extra_in=2 * len(cfg.fourier) * c)
+        betas = make_betas(cfg.schedule, cfg.T)
+        alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])  # [T+1]
+        betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])  # [T+1], index = t
+        post_var = torch.zeros_like(betas)
+        post_var[1:] = betas[1:] * (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:])  # beta~_t (0 at t=1)
+        log_post_var = torch.log(torch.cat([post_var[2:3], post_var[2:3], post_var[2:]]))  # t=1 clipped
+        log_beta = torch.log(torch.cat([betas[1:2], betas[1:]]))  # 'fixed large': sigma_t^2 = beta_t
+        buffers = {
+            "alpha_bar": alpha_bar,
+            "post_coef_x0": torch.sqrt(torch.cat([alpha_bar[:1], alpha_bar[:-1]])) * betas / (1 - alpha_bar).clamp(min=1e-20),
+            "post_coef_xt": torch.sqrt(1 - betas) * (1 - torch.cat([alpha_bar[:1], alpha_bar[:-1]])) / (1 - alpha_bar).clamp(min=1e-20),
+            "log_post_var": log_post_var,
+            "log_beta": log_beta,
+        }
+        for k, v in buffers.items():  # schedules are derived, not learned: not saved
+            self.register_buffer(k, v.float(), persistent=False)
+
+    # -------------------------------------------------------------- parameterisations
+
+    def _bcast(self, arr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return arr[t].view(-1, 1, 1, 1)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Raw network output at integer times t [B] (time input scaled to 0..1000)."""
+        extra = None
+        if self.cfg.fourier:
+            x0_scale = x_t / self._bcast(self.alpha_bar, t).sqrt()
+            extra = fourier_features(x0_scale, self.levels, tuple(self.cfg.fourier))
+        return self.net(x_t, t.float() * (1000.0 / self.cfg.T), extra)
+
+    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Luo (2022): eps = (x_t - sqrt(ab) x0) / sqrt(1-ab) = -sqrt(1-ab) * score."""
+        ab = self._bcast(self.alpha_bar, t)
+        if self.target == "eps":
+            return out
+        if self.target == "x0":
+            return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+        return -(1 - ab).sqrt() * out  # score
+
+    def mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of p(x_{t-1} | x_t) from the raw network output."""
+        c = self.shape[0]
+        if self.cfg.learn_sigma:
+            out, v = out[:, :c], out[:, c:]
+            frac = (v + 1) / 2  # Nichol & Dhariwal eq. 15
+            logvar = frac * self._bcast(self.log_beta, t) + (1 - frac) * self._bcast(self.log_post_var, t)
+        else:
+            logvar = self._bcast(self.log_beta, t).expand_as(x_t)
+        eps = self.eps_from_output(out, x_t, t)
+        ab = self._bcast(self.alpha_bar, t)
+        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if self.cfg.clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        return self.posterior_mean(x0, x_t, t), logvar
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0)."""
+        return self._bcast(self.post_coef_x0, t) * x0 + self._bcast(self.post_coef_xt, t) * x_t
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        ab = self._bcast(self.alpha_bar, t)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    # -------------------------------------------------------------- bound
+
+    def step_term(self, x0, x_t, t, mean, logvar, x_int=None) -> torch.Tensor:
+        """L_{t-1} per example [B] given x_t and the model's p(x_{t-1}|x_t): KL for t >= 2,
+        -log p(x_0|x_1) at t = 1. x_int given: discretized Gaussian decoder over the L levels
+        (a bound on the discrete P(x)); None: continuous density (for the analytic tests)."""
+        kl = normal_kl(self.posterior_mean(x0, x_t, t), self._bcast(self.log_post_var, t), mean, logvar)
+        if x_int is not None:
+            nll0 = -lk.discretized_gaussian_log_prob(x_int, mean, 0.5 * logvar, self.levels)
+        else:
+            nll0 = 0.5 * (math.log(2 * math.pi) + logvar + (x0 - mean) ** 2 * torch.exp(-logvar))
+        return torch.where(t == 1, nll0.flatten(1).sum(1), kl.flatten(1).sum(1))
+
+    def vlb_term(self, x0: torch.Tensor, t: torch.Tensor, x_int: torch.Tensor | None = None) -> torch.Tensor:
+        """One-sample estimate (over x_t ~ q(x_t|x_0)) of L_{t-1} per example [B]."""
+        x_t = self.q_sample(x0, t, torch.randn_like(x0))
+        return self.step_term(x0, x_t, t, *self.mean_logvar(self.denoise(x_t, t), x_t, t), x_int)
+
+    def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar[-1]
+        zero = torch.zeros((), device=x0.device)
+        return normal_kl(ab.sqrt() * x0, torch.log(1 - ab), zero, zero).flatten(1).sum(1)
+
+    def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int,
+                   chunk: int) -> dict[str, torch.Tensor]:
+        b, T = len(x0), self.cfg.T
+        if t_samples == 0 or t_samples >= T - 1:  # exact: every t in 2..T
+            ts = torch.arange(2, T + 1, device=x0.device).repeat_interleave(b)  # [(T-1)*B]
+            weights = torch.ones(T - 1, device=x0.device)
+        else:  # one uniform t in each of K strata of {2..T}; weight = stratum size (unbiased)
+            edges = torch.linspace(2, T + 1, t_samples + 1, device=x0.device).floor().long()
+            sizes = (edges[1:] - edges[:-1]).float()  # [K]
+            u = torch.rand(t_samples, b, device=x0.device)
+            ts = (edges[:-1, None] + (u * sizes[:, None]).long()).flatten()  # [K*B]
+            weights = sizes
+        k = len(ts) // b
+        values = []
+        for start in range(0, len(ts), chunk):
+            tt = ts[start: start + chunk]
+            idx = torch.arange(start, start + len(tt), device=x0.device) % b
+            values.append(self.vlb_term(x0[idx], tt, None if x_int is None else x_int[idx]))
+        diffusion = (torch.cat(values).view(k, b) * weights[:, None]).sum(0)
+        one = torch.ones(b, dtype=torch.long, device=x0.device)
+        return {"prior": self.prior_term(x0), "diffusion": diffusion,
+                "reconstruction": self.vlb_term(x0, one, x_int)}
+
+    @torch.no_grad()
+    def nll_terms(self, x, t_samples: int = 50, chunk: int = 4096, **estimator: Any):
+        self._reject(estimator, self.name or type(self).__name__)
+        self._check_x(x)
+        if t_samples < 0:
+            raise ValueError(f"t_samples must be >= 0 (0 = exact sum over all T terms), got {t_samples}")
+        return self._vlb_terms(lk.to_unit(x, self.levels), x, t_samples, chunk)
+
+    def estimators(self, ecfg):
+        T = self.cfg.T
+        if ecfg.t_samples == 0 or ecfg.t_samples >= T - 1:
+            label = f"VLB (T={T}, exact sum)"
+        else:
+            label = f"VLB (T={T}, {ecfg.t_samples} stratified t)"
+        return [(label, {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
+
+    # -------------------------------------------------------------- training
+
+    def matching_loss(self, out, x0, eps, x_t, t) -> torch.Tensor:
+        """Per-example training target of this parameterisation, mean over dims [B]."""
+        return ((out - eps) ** 2).flatten(1).mean(1)  # L_simple (Ho et al. 2020)
+
+    def loss(self, x):
+        self._check_x(x)
+        x0 = lk.to_unit(x, self.levels)
+        t = torch.randint(1, self.cfg.T + 1, (len(x),), device=x.device)
+        eps = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, eps)
+        out = self.denoise(x_t, t)
+        c = self.shape[0]
+        loss = self.matching_loss(out[:, :c], x0, eps, x_t, t)
+        if self.cfg.hybrid_lambda > 0:
+            # L_vlb trains only the variance: the mean is detached (Nichol & Dhariwal sec. 3.1)
+            out_vlb = torch.cat([out[:, :c].detach(), out[:, c:]], 1)
+            vb = self.step_term(x0, x_t, t, *self.mean_logvar(out_vlb, x_t, t), x)
+            loss = loss + self.cfg.hybrid_lambda * self.cfg.T * vb / self.dims
+        return loss.mean()
+
+    # -------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample(self, n, generator=None, **sampler: Any):
+        """Ancestral sampling x_T -> x_0 (Ho et al. Alg. 2); the last step returns the mean, binned."""
+        self._reject(sampler, self.name or type(self).__name__)
+        x = torch.randn(n, *self.shape, generator=generator, device=self.device)
+        for step in range(self.cfg.T, 0, -1):
+            t = torch.full((n,), step, dtype=torch.long, device=x.device)
+            mean, logvar = self.mean_logvar(self.denoise(x, t), x, t)
+            if step > 1:
+                noise = torch.randn(x.shape, generator=generator, device=x.device)
+                x = mean + torch.exp(0.5 * logvar) * noise
+            else:
+                x = mean
+        return lk.from_unit(x, self.levels)
+
+
+@register("ddpm")
+class DDPM(GaussianDiffusion):
+    """Ho et al. 2020: eps-prediction, linear schedule, L_simple."""
+
+    target = "eps"
+
+
+@register("ddpm_x0")
+class DDPMx0(GaussianDiffusion):
+    """Luo 2022 (Understanding Diffusion Models), x0 interpretation: the network predicts x_0."""
+
+    target = "x0"
+
+    def matching_loss(self, out, x0, eps, x_t, t):
+        return ((out - x0) ** 2).flatten(1).mean(1)
+
+
+@register("ddpm_score")
+class DDPMScore(GaussianDiffusion):
+    """Luo 2022, score interpretation: the network predicts grad log q(x_t); denoising score
+    matching with weight lambda_t = 1 - alpha_bar_t (Song & Ermon 2019)."""
+
+    target = "score"
+
+    def matching_loss(self, out, x0, eps, x_t, t):
+        var = 1 - self._bcast(self.alpha_bar, t)
+        score = -eps / var.sqrt()  # grad_x_t log q(x_t | x_0)
+        return (var * (out - score) ** 2).flatten(1).mean(1)
+
+
+@register("iddpm")
+class IDDPM(GaussianDiffusion):
+    """Nichol & Dhariwal 2021: cosine schedule, learned variances, L_hybrid = L_simple + 0.001 L_vlb."""
+
+    target = "eps"
+
+    @dataclass
+    class Config(GaussianDiffusion.Config):
+        schedule: str = "cosine"
+        learn_sigma: bool = True
+        hybrid_lambda: float = 0.001

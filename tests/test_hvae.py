@@ -1,0 +1,132 @@
+"""Independent checks of the hierarchical VAE (`hvae`): sizes, bound terms, KLs, bound validity."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import diffusion_models.models.hvae  # noqa: F401  (registers "hvae")
+from diffusion_models import data, models
+from diffusion_models.config import EvalConfig, TrainConfig
+from diffusion_models.likelihood import bits_per_dim
+from diffusion_models.train import train
+
+SHAPES = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}
+
+
+def uniform(n, shape, levels, seed=0):
+    return torch.randint(0, levels, (n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def digits_train():
+    return torch.from_numpy(data.load("digits", "train").images).long()
+
+
+@pytest.mark.parametrize("dataset", SHAPES)
+def test_builds_matched_size_and_elbo_terms_sum_to_bound(dataset):
+    shape, levels = SHAPES[dataset]
+    m = models.build("hvae", shape=shape, levels=levels)
+    assert abs(sum(p.numel() for p in m.parameters()) / 86_000 - 1) <= 0.05
+    x = uniform(3, shape, levels)
+    assert torch.isfinite(m.loss(x))
+    torch.manual_seed(3)
+    terms = m.nll_terms(x, k=1)
+    torch.manual_seed(3)
+    bound = m.nll_bound(x, k=1)
+    kls = [t for t in terms if t.startswith("kl_")]
+    assert len(kls) >= 3 and "reconstruction" in terms
+    assert all(t.shape == (3,) and torch.isfinite(t).all() for t in terms.values())
+    assert all((terms[t] >= -1e-4).all() for t in kls)
+    assert torch.allclose(sum(terms.values()), bound)
+    s = m.sample(2, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (2, *shape) and s.dtype == torch.long and 0 <= s.min() and s.max() < levels
+
+
+def test_kl_terms_match_torch_distributions():
+    """Analytic KL(q(z_i|z_>i,x) || p(z_i|z_>i)) per layer, against torch.distributions."""
+    m = models.build("hvae", shape=(1, 8, 8), levels=17)
+    train(m, digits_train(), TrainConfig(images=1024, batch_size=64), progress=False)  # non-trivial q, p
+    x = uniform(8, (1, 8, 8), 17)
+    torch.manual_seed(7)
+    terms = m.nll_terms(x, k=1)
+    torch.manual_seed(7)  # same draws of z_>i, so the same conditional Gaussians
+    layers = m.layer_params(x)
+    assert len(layers) == sum(t.startswith("kl_") for t in terms)
+    for i, (_, q_mu, q_lv, p_mu, p_lv) in enumerate(layers, 1):
+        q, p = Normal(q_mu, torch.exp(0.5 * q_lv)), Normal(p_mu, torch.exp(0.5 * p_lv))
+        expected = kl_divergence(q, p).flatten(1).sum(1)
+        assert expected.abs().max() > 1e-3  # the check is not vacuous
+        assert torch.allclose(terms[f"kl_{i}"], expected, rtol=1e-4, atol=1e-4), i
+
+
+def test_kl_warmup_weights_only_the_training_loss():
+    m = models.build("hvae", shape=(1, 8, 8), levels=17, kl_warmup=4)
+    x = uniform(8, (1, 8, 8), 17)
+
+    def parts():
+        torch.manual_seed(1)
+        t = m.nll_terms(x, k=1)
+        return t["reconstruction"], sum(v for name, v in t.items() if name.startswith("kl_"))
+
+    m.train()
+    for step in range(1, 7):
+        torch.manual_seed(1)
+        loss = m.loss(x)
+        recon, kl = parts()  # nll_terms: always the true ELBO terms
+        beta = min(1.0, step / 4)
+        assert torch.allclose(loss, (recon + beta * kl).mean() / 64, rtol=1e-5), step
+    m.eval()  # evaluation loss is the un-warmed ELBO and does not advance the schedule
+    m.cfg.kl_warmup = 10**6
+    torch.manual_seed(1)
+    assert torch.allclose(m.loss(x), sum(parts()).mean() / 64, rtol=1e-5)
+    assert int(m.steps) == 6
+
+
+def test_rejects_bad_input_and_options():
+    m = models.build("hvae", shape=(1, 8, 8), levels=17)
+    with pytest.raises(ValueError, match="integer images"):
+        m.loss(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="bogus"):
+        m.nll_bound(uniform(2, (1, 8, 8), 17), bogus=1)
+    with pytest.raises(ValueError, match="steps"):
+        m.sample(2, steps=10)
+    assert [label for label, _ in m.estimators(EvalConfig(iwae_k=7))] == ["ELBO", "IWAE-7"]
+    assert [label for label, _ in m.estimators(EvalConfig(iwae_k=1))] == ["ELBO"]
+
+
+def test_bound_on_uniform_data_is_at_least_log2_levels():
+    """No valid bound beats the entropy: held-out uniform data costs >= log2(L) bits/dim."""
+    shape, levels = SHAPES["digits"]
+    m = models.build("hvae", shape=shape, levels=levels)
+    train(m, uniform(512, shape, levels, seed=0),
+          TrainConfig(images=2048, batch_size=64, lr=3e-3), progress=False)
+    held_out = uniform(512, shape, levels, seed=1)
+    for label, kwargs in m.estimators(EvalConfig(iwae_k=16)):
+        b = m.nll_bound(held_out, **kwargs).double()
+        bpd = bits_per_dim(b.mean().item(), m.dims)
+        se = bits_per_dim(b.std().item() / math.sqrt(len(b)), m.dims)
+        assert bpd >= math.log2(levels) - 3 * se, (label, bpd)
+
+
+def test_iwae_does_not_loosen_with_k():
+    shape, levels = SHAPES["digits"]
+    tr = digits_train()
+    m = models.build("hvae", shape=shape, levels=levels)
+    train(m, tr, TrainConfig(images=4096, batch_size=64), progress=False)
+    x = tr[:200]
+    means = {}
+    for k in (1, 10, 100):
+        torch.manual_seed(0)
+        means[k] = m.nll_bound(x, k=k).double().mean().item()
+    tol = 0.05  # nats per example: Monte Carlo noise
+    assert means[10] <= means[1] + tol and means[100] <= means[10] + tol
+    assert means[100] < means[1]  # strictly tighter on a trained model
+
+
+def test_short_training_on_digits_is_finite():
+    m = models.build("hvae", shape=(1, 8, 8), levels=17)
+    res = train(m, digits_train(), TrainConfig(images=30_000), progress=False)
+    assert math.isfinite(res.final_loss)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    x = digits_train()[:64]
+    assert torch.isfinite(m.nll_bound(x, k=1)).all() and torch.isfinite(m.nll_bound(x, k=4)).all()

@@ -1,0 +1,179 @@
+"""Independent checks of the Variational Diffusion Model (continuous-time VLB, learned schedule)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from torch.distributions import Normal, kl_divergence
+
+import diffusion_models.models.vdm  # noqa: F401  (registers "vdm")
+from diffusion_models import data, models
+from diffusion_models.config import EvalConfig, TrainConfig
+from diffusion_models.likelihood import bits_per_dim, to_unit
+from diffusion_models.train import train
+
+SHAPES = [((1, 8, 8), 17), ((1, 28, 28), 256), ((3, 32, 32), 256)]
+
+
+def uniform(n, shape=(1, 8, 8), levels=17, seed=0):
+    return torch.randint(0, levels, (n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape,levels", SHAPES)
+def test_builds_with_matched_size_and_finite_loss(shape, levels):
+    m = models.build("vdm", shape=shape, levels=levels)
+    assert abs(m.num_params() - 86_000) <= 0.05 * 86_000, m.num_params()
+    loss = m.loss(uniform(4, shape, levels))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()  # double backward through gamma'(t) works
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.gamma.gamma_min.grad is not None and m.gamma.gamma_max.grad is not None
+
+
+def test_terms_sum_to_bound_and_options_are_checked():
+    m = models.build("vdm", shape=(1, 8, 8), levels=17)
+    x = uniform(6)
+    torch.manual_seed(3)
+    terms = m.nll_terms(x, t_samples=7, chunk=10)  # chunk < B*K: several U-Net passes
+    torch.manual_seed(3)
+    bound = m.nll_bound(x, t_samples=7, chunk=10)
+    assert set(terms) == {"prior", "diffusion", "reconstruction"}
+    assert all(v.shape == (6,) and not v.requires_grad for v in terms.values())
+    assert torch.allclose(sum(terms.values()), bound)
+    with pytest.raises(ValueError, match="continuous-time.*t_samples >= 1"):
+        m.nll_bound(x, t_samples=0)
+    with pytest.raises(ValueError, match="bogus"):
+        m.nll_bound(x, bogus=1)
+    with pytest.raises(ValueError, match="bogus"):
+        m.sample(2, bogus=1)
+    (label, kwargs), = m.estimators(EvalConfig(t_samples=50))
+    assert "VLB-continuous" in label and "50" in label and kwargs["t_samples"] == 50
+
+
+def test_gamma_strictly_increasing_with_exact_endpoints():
+    m = models.build("vdm", shape=(1, 8, 8), levels=17)
+    s = m.gamma
+    with torch.no_grad():  # a random, far-from-init monotone network must stay monotone
+        for p in (s.w1, s.w2, s.b2, s.w3):
+            p.add_(3 * torch.randn_like(p))
+        s.gamma_min.fill_(-7.5)
+        s.gamma_max.fill_(6.25)
+        g = s(torch.linspace(0, 1, 10_001).double().float())
+    assert (g.diff() > 0).all()
+    assert g[0].item() == pytest.approx(-7.5, abs=1e-5) and g[-1].item() == pytest.approx(6.25, abs=1e-5)
+
+
+def test_gamma_derivative_matches_finite_difference():
+    s = models.build("vdm", shape=(1, 8, 8), levels=17).gamma.double()
+    with torch.no_grad():
+        s.w2.mul_(4)
+        s.w3.add_(2.0)  # a clearly non-linear schedule
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.double)
+    _, dgamma = s.with_grad(t, create_graph=False)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (s(t + h) - s(t - h)) / (2 * h)
+    assert torch.allclose(dgamma, fd, rtol=1e-6, atol=1e-6)
+    assert dgamma.std() > 0.05 * dgamma.mean()  # non-linear indeed
+
+
+def test_decoder_is_a_normalized_categorical_and_prior_kl_matches_torch():
+    m = models.build("vdm", shape=(1, 8, 8), levels=17)
+    with torch.no_grad():
+        m.gamma.gamma_min.fill_(-6.0)
+        g0, g1 = m.gamma.gamma_min, m.gamma.gamma_max
+        z0 = torch.randn(5, 1, 8, 8)
+        logp = m._decoder_logits(z0).double()  # [5,1,8,8,17]
+        assert torch.allclose(torch.logsumexp(logp, -1), torch.zeros(5, 1, 8, 8, dtype=torch.double), atol=1e-5)
+        # independently: Gaussian likelihood of z_0 under each bin centre, renormalised over the bins
+        alpha0, sigma0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
+        centres = torch.linspace(-1, 1, 17)
+        ref = Normal(alpha0 * centres, sigma0).log_prob(z0[..., None]).double()
+        assert torch.allclose(logp, ref - torch.logsumexp(ref, -1, keepdim=True), atol=1e-4)
+
+        x = uniform(8)
+        xu = to_unit(x, 17)
+        q = Normal(torch.sigmoid(-g1).sqrt() * xu, torch.sigmoid(g1).sqrt())
+        expected = kl_divergence(q, Normal(0.0, 1.0)).flatten(1).sum(1)
+        assert torch.allclose(m.nll_terms(x)["prior"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gaussian_data_optimal_predictor_gives_exact_bound():
+    """Analytic check of the continuous-time diffusion loss and of the whole VLB.
+
+    Data x ~ N(mu, s^2) per dimension; z_t = alpha x + sigma eps, so z_t ~ N(alpha mu, v) with
+    v = alpha^2 s^2 + sigma^2 and Cov(eps, z_t) = sigma. The optimal predictor is
+    eps*(z_t) = E[eps | z_t] = sigma (z_t - alpha mu) / v, with residual variance
+    Var(eps | z_t) = 1 - sigma^2 / v = alpha^2 s^2 / v = s^2 / (s^2 + e^gamma) (divide by alpha^2;
+    e^gamma = sigma^2 / alpha^2). Hence, per dimension and averaged over x,
+      E[diffusion] = 0.5 int_0^1 gamma'(t) s^2/(s^2 + e^gamma(t)) dt = 0.5 int_{g0}^{g1} s^2/(s^2+e^g) dg
+                   = 0.5 [log(1 + s^2 e^-g0) - log(1 + s^2 e^-g1)]          (any monotone schedule).
+    With the continuous decoder N(x; z_0/alpha_0, e^g0), E[-log p(x|z_0)] = 0.5 (log 2 pi + g0 + 1),
+    and E[prior] = 0.5 (sigma_1^2 + alpha_1^2 (mu^2 + s^2) - 1 - log sigma_1^2). Their sum is
+    >= the entropy 0.5 log(2 pi e s^2) = E[-log N(x; mu, s^2)], with equality as g0 -> -inf and
+    g1 -> +inf. The Monte Carlo estimate with the model's (non-linear) schedule and gamma' must
+    match the closed form, and the gap to scipy's exact NLL of the same x must shrink to ~0.
+    """
+    mu, s, n = 0.3, 0.5, 16384
+    m = models.build("vdm", shape=(1, 8, 8), levels=17)
+    with torch.no_grad():
+        m.gamma.w3.add_(2.0)  # non-linear schedule: the bound must not depend on its shape
+
+    def eps_opt(z, gamma):
+        g = gamma[:, None, None, None]
+        alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+        return sigma * (z - alpha * mu) / (alpha**2 * s**2 + sigma**2)
+
+    gen = torch.Generator().manual_seed(0)
+    x = (mu + s * torch.randn(n, 1, 8, 8, generator=gen)).double()
+    exact = -norm.logpdf(x.numpy(), mu, s).reshape(n, -1).mean(1)  # nats/dim per example
+    m.double()
+    gaps = []
+    for g0, g1 in [(-2.0, 1.0), (-6.0, 4.0), (-13.3, 5.0), (-20.0, 12.0)]:
+        with torch.no_grad():
+            m.gamma.gamma_min.fill_(g0)
+            m.gamma.gamma_max.fill_(g1)
+            t = ((torch.arange(n) + torch.rand(n, generator=gen)) / n)[torch.randperm(n, generator=gen)]
+            diff = m._diffusion_term(x, t.double(), eps_opt).numpy() / 64
+            prior = m._prior_term(x).numpy() / 64
+        e = torch.randn(x.shape, generator=gen, dtype=torch.double)
+        a0, s0 = math.sqrt(1 / (1 + math.exp(g0))), math.sqrt(1 / (1 + math.exp(-g0)))
+        z0 = a0 * x + s0 * e
+        recon = -norm.logpdf(x.numpy(), z0.numpy() / a0, math.exp(g0 / 2)).reshape(n, -1).mean(1)
+        se = diff.std() / math.sqrt(n)
+        closed = 0.5 * (math.log1p(s**2 * math.exp(-g0)) - math.log1p(s**2 * math.exp(-g1)))
+        assert diff.mean() == pytest.approx(closed, abs=4 * se + 1e-4), (g0, g1)
+        gap = prior + diff + recon - exact  # per example, nats/dim
+        gap_se = gap.std() / math.sqrt(n)
+        a1sq = 1 / (1 + math.exp(g1))
+        closed_gap = (0.5 * (1 - a1sq + a1sq * (mu**2 + s**2) - 1 - math.log(1 - a1sq)) + closed
+                      + 0.5 * (math.log(2 * math.pi) + g0 + 1) - 0.5 * math.log(2 * math.pi * math.e * s**2))
+        assert gap.mean() >= -3 * gap_se
+        assert gap.mean() == pytest.approx(closed_gap, abs=4 * gap_se + 1e-4), (g0, g1)
+        gaps.append(closed_gap)
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] > 0.1 and gaps[-1] < 1e-4
+
+
+def test_uniform_data_bound_is_at_least_log2_levels():
+    m = models.build("vdm", shape=(1, 8, 8), levels=17)
+    train(m, uniform(512, seed=0), TrainConfig(images=2048, batch_size=64, lr=3e-3), progress=False)
+    held_out = uniform(512, seed=1)
+    (label, kwargs), = m.estimators(EvalConfig(t_samples=20))
+    b = m.nll_bound(held_out, **kwargs).double()
+    bpd = bits_per_dim(b.mean().item(), m.dims)
+    se = bits_per_dim(b.std().item() / math.sqrt(len(b)), m.dims)
+    assert bpd >= math.log2(17) - 3 * se, (label, bpd)
+
+
+def test_short_digits_training_is_finite():
+    ds = data.load("digits", "train")
+    x = torch.from_numpy(ds.images).long()
+    m = models.build("vdm", shape=ds.shape, levels=ds.levels)
+    losses = []
+    res = train(m, x, TrainConfig(images=20_000, log_every=10), log=lambda s, n, v: losses.append(v),
+                progress=False)
+    assert np.isfinite(losses).all() and math.isfinite(res.final_loss)
+    assert torch.isfinite(m.nll_bound(x[:16], t_samples=4)).all()
+    s = m.sample(3, generator=torch.Generator().manual_seed(0), steps=20)
+    assert s.shape == (3, 1, 8, 8) and s.dtype == torch.long and 0 <= s.min() and s.max() <= 16
