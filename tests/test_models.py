@@ -122,10 +122,11 @@ def test_vae_decoder_probabilities_sum_to_one():
                           atol=1e-5)
 
 
-def test_iwae_does_not_loosen_with_k():
+@pytest.mark.parametrize("name", ["vae", "hvae"])
+def test_iwae_does_not_loosen_with_k(name):
     shape, levels = SHAPES["digits"]
     tr = torch.from_numpy(data.load("digits", "train").images).long()
-    m = models.build("vae", shape=shape, levels=levels)
+    m = models.build(name, shape=shape, levels=levels)
     train(m, tr, TrainConfig(images=4096, batch_size=64), progress=False)
     x = tr[:200]
     means = {}

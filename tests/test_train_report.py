@@ -89,3 +89,18 @@ def test_tables_pick_the_tightest_bound_and_carry_provenance():
     md = report.markdown(comp, nll, report.provenance(trains, 100))
     assert "dataset: digits" in md and "budget: 100 training images" in md and "versions: torch x" in md
     assert "1.9000 ± 0.0100" in md
+
+
+def test_ema_weights_are_the_exponential_average_of_the_trajectory():
+    m = _Linear((1, 4, 4), 17, _Linear.Config())
+    m.name = "lin"
+    x = torch.randint(0, 17, (64, 1, 4, 4))
+    snaps = []
+    train(m, x, TrainConfig(images=64 * 5, batch_size=8, ema=0.7, log_every=1, lr=1e-2),
+          log=lambda step, seen, loss: snaps.append(m.lin.weight.detach().clone()), progress=False)
+    assert len(snaps) == 40
+    expected = snaps[0]
+    for w in snaps[1:]:  # AveragedModel starts from the first updated weights
+        expected = 0.7 * expected + 0.3 * w
+    assert torch.allclose(m.lin.weight, expected, atol=1e-6)
+    assert not torch.allclose(m.lin.weight, snaps[-1])

@@ -7,7 +7,6 @@ import torch
 from scipy.stats import norm
 from torch.distributions import Normal, kl_divergence
 
-import diffusion_models.models.vdm  # noqa: F401  (registers "vdm")
 from diffusion_models import data, models
 from diffusion_models.config import EvalConfig, TrainConfig
 from diffusion_models.likelihood import bits_per_dim, to_unit

@@ -67,7 +67,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Mo
         raise FileNotFoundError(f"missing checkpoint: {path}")
     state = torch.load(path, map_location=map_location, weights_only=True)
     model = build(state["name"], shape=tuple(state["shape"]), levels=state["levels"], **state["config"])
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit model '{state['name']}' as the code now "
+                         f"defines it (retrain it): {e}") from None
     return model, state
 
 

@@ -51,6 +51,7 @@ class GaussianDiffusion(Model):
     class Config:
         T: int = 1000
         schedule: str = "linear"
+        variance: str = "small"       # fixed reverse variance: 'small' = beta~_t, 'large' = beta_t
         learn_sigma: bool = False     # IDDPM: interpolate log-variance between beta_t and beta~_t
         hybrid_lambda: float = 0.0    # weight of L_vlb in the loss (IDDPM: 0.001)
         width: int = 16
@@ -61,6 +62,8 @@ class GaussianDiffusion(Model):
 
     def __init__(self, shape, levels, cfg):
         super().__init__(shape, levels, cfg)
+        if cfg.variance not in ("small", "large"):
+            raise ValueError(f"{type(self).__name__}: variance must be 'small' or 'large', got '{cfg.variance}'")
         if cfg.T < 2:
             raise ValueError(f"{type(self).__name__}: T must be >= 2, got {cfg.T}")
         c = shape[0]
@@ -113,7 +116,8 @@ class GaussianDiffusion(Model):
             frac = (v + 1) / 2  # Nichol & Dhariwal eq. 15
             logvar = frac * self._bcast(self.log_beta, t) + (1 - frac) * self._bcast(self.log_post_var, t)
         else:
-            logvar = self._bcast(self.log_beta, t).expand_as(x_t)
+            fixed = self.log_post_var if self.cfg.variance == "small" else self.log_beta
+            logvar = self._bcast(fixed, t).expand_as(x_t)
         eps = self.eps_from_output(out, x_t, t)
         ab = self._bcast(self.alpha_bar, t)
         x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
@@ -193,6 +197,10 @@ class GaussianDiffusion(Model):
 
     # -------------------------------------------------------------- training
 
+    def sample_t(self, n: int, device: torch.device) -> torch.Tensor:
+        """Training times: uniform on {1..T} (Ho et al.)."""
+        return torch.randint(1, self.cfg.T + 1, (n,), device=device)
+
     def matching_loss(self, out, x0, eps, x_t, t) -> torch.Tensor:
         """Per-example training target of this parameterisation, mean over dims [B]."""
         return ((out - eps) ** 2).flatten(1).mean(1)  # L_simple (Ho et al. 2020)
@@ -200,7 +208,7 @@ class GaussianDiffusion(Model):
     def loss(self, x):
         self._check_x(x)
         x0 = lk.to_unit(x, self.levels)
-        t = torch.randint(1, self.cfg.T + 1, (len(x),), device=x.device)
+        t = self.sample_t(len(x), x.device)
         eps = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
         out = self.denoise(x_t, t)
@@ -238,27 +246,54 @@ class DDPM(GaussianDiffusion):
     target = "eps"
 
 
+class _VLBMatching(GaussianDiffusion):
+    """Luo (2022): the denoising matching term of the ELBO in this target's own units,
+    L_{t-1} = lambda(t) ||target - prediction||^2 for t >= 2 (posterior variance beta~_t).
+    t is importance-sampled with p(t) ~ lambda(t), so the per-sample loss is the plain squared
+    error and its expectation is the VLB's matching terms up to a constant."""
+
+    def __init__(self, shape, levels, cfg):
+        super().__init__(shape, levels, cfg)
+        weights = self.vlb_weight().double()
+        weights[:2] = 0.0  # t = 0 (unused), t = 1 (the decoder term)
+        self.register_buffer("t_probs", (weights / weights.sum()).float(), persistent=False)
+
+    def x0_weight(self) -> torch.Tensor:
+        """lambda(t) for x0 errors: coef_x0(t)^2 / (2 beta~_t), [T+1]."""
+        post_var = torch.exp(self.log_post_var.double())
+        return self.post_coef_x0.double() ** 2 / (2 * post_var)
+
+    def sample_t(self, n, device):
+        return torch.multinomial(self.t_probs, n, replacement=True).to(device)
+
+
 @register("ddpm_x0")
-class DDPMx0(GaussianDiffusion):
+class DDPMx0(_VLBMatching):
     """Luo 2022 (Understanding Diffusion Models), x0 interpretation: the network predicts x_0."""
 
     target = "x0"
+
+    def vlb_weight(self):
+        return self.x0_weight()
 
     def matching_loss(self, out, x0, eps, x_t, t):
         return ((out - x0) ** 2).flatten(1).mean(1)
 
 
 @register("ddpm_score")
-class DDPMScore(GaussianDiffusion):
-    """Luo 2022, score interpretation: the network predicts grad log q(x_t); denoising score
-    matching with weight lambda_t = 1 - alpha_bar_t (Song & Ermon 2019)."""
+class DDPMScore(_VLBMatching):
+    """Luo 2022, score interpretation: the network predicts grad log q(x_t) (Tweedie)."""
 
     target = "score"
 
+    def vlb_weight(self):
+        # x0 - x0_hat = ((1 - ab) / sqrt(ab)) (s_hat - s): lambda_s = lambda_x0 (1 - ab)^2 / ab
+        ab = self.alpha_bar.double()
+        return self.x0_weight() * (1 - ab) ** 2 / ab
+
     def matching_loss(self, out, x0, eps, x_t, t):
-        var = 1 - self._bcast(self.alpha_bar, t)
-        score = -eps / var.sqrt()  # grad_x_t log q(x_t | x_0)
-        return (var * (out - score) ** 2).flatten(1).mean(1)
+        score = -eps / (1 - self._bcast(self.alpha_bar, t)).sqrt()  # grad_x_t log q(x_t | x_0)
+        return ((out - score) ** 2).flatten(1).mean(1)
 
 
 @register("iddpm")

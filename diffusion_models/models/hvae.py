@@ -45,16 +45,20 @@ class TopDownLayer(nn.Module):
     layer's conv with the prior and the d part r comes from the bottom-up pass.
     """
 
-    def __init__(self, width: int, z_ch: int):
+    def __init__(self, width: int, z_ch: int, top_size: tuple[int, int] | None = None):
         super().__init__()
         self.z_ch = z_ch
-        self.conv = nn.Conv2d(width, 4 * z_ch + width, 3, 1, 1)  # -> p_mu, p_lv, q offset, h update
+        n_out = 4 * z_ch + width  # -> p_mu, p_lv, q offset, h update
+        # the top layer's input state is constant, and so is its conv's output: learn that directly
+        self.conv = nn.Conv2d(width, n_out, 3, 1, 1) if top_size is None else None
+        self.const = None if top_size is None else nn.Parameter(torch.zeros(1, n_out, *top_size))
         self.z_proj = nn.Conv2d(z_ch, width, 1)
 
     def forward(self, h, r=None, generator=None):
-        """h: top-down state [B,W,h,w]; r: bottom-up offset [B,2Z,h,w], or None to sample the prior."""
-        z = self.z_ch
-        p_mu, p_lv, dq, h_p = self.conv(F.silu(h)).split([z, z, 2 * z, h.shape[1]], 1)
+        """h: top-down state [B,W,h,w]; r: bottom-up offset [B,2Z,h,w] (None: sample the prior)."""
+        zc = self.z_ch
+        a = self.const.expand(len(h), -1, -1, -1) if self.conv is None else self.conv(F.silu(h))
+        p_mu, p_lv, dq, h_p = a.split([zc, zc, 2 * zc, h.shape[1]], 1)
         p_lv = _soft_clamp(p_lv, 8.0)
         if r is None:
             q_mu, q_lv = p_mu, p_lv
@@ -69,14 +73,14 @@ class TopDownLayer(nn.Module):
 
 @register("hvae")
 class HVAE(Model):
-    """Ladder VAE (Sønderby et al. 2016) with NVAE-style top-down inference (Vahdat & Kautz 2020)."""
+    """Ladder VAE (Sønderby et al. 2016) / NVAE-style top-down inference (Vahdat & Kautz 2020)."""
 
     family = "hvae"
 
     @dataclass
     class Config:
         width: int = 32
-        z_channels: int = 4
+        z_channels: int = 5
         coarse_layers: int = 3       # top stochastic layers, at the coarsest scale (<= 4x4)
         fine_layers: int = 1         # bottom stochastic layers, at full resolution
         min_log_scale: float = -7.0  # floor of the decoder's logistic log-scale
@@ -94,11 +98,12 @@ class HVAE(Model):
         self.stem = nn.Conv2d(c, width, 3, 1, 1)
         self.r_fine = nn.Conv2d(width, 2 * z_ch * cfg.fine_layers, 3, 1, 1)
         self.down = nn.Conv2d(width, width, 3, 2, 1)
+        self.bu = nn.Conv2d(width, width, 3, 1, 1)
         self.r_coarse = nn.Conv2d(width, 2 * z_ch * cfg.coarse_layers, 3, 1, 1)
-        # top-down: learned top state, layers z_N..z_1, one upsampling conv tied over steps
-        self.h_top = nn.Parameter(torch.zeros(1, width, *self.sizes[-1]))
+        # top-down: layers z_N..z_1, one upsampling conv tied over the pyramid's steps
         n = cfg.coarse_layers + cfg.fine_layers
-        self.layers = nn.ModuleList(TopDownLayer(width, z_ch) for _ in range(n))
+        self.layers = nn.ModuleList(TopDownLayer(width, z_ch, self.sizes[-1] if i == 0 else None)
+                                    for i in range(n))
         self.up = nn.Conv2d(width, width, 3, 1, 1)
         self.out = nn.Conv2d(width, 2 * c, 3, 1, 1)
         # training steps taken, for the KL warm-up: training state, not saved with the weights
@@ -110,6 +115,7 @@ class HVAE(Model):
         r_fine = self.r_fine(d).chunk(self.cfg.fine_layers, 1)
         for _ in self.sizes[1:]:
             d = F.silu(self.down(d))  # -> [B,W,h,w] at the coarsest scale
+        d = d + F.silu(self.bu(d))
         r_coarse = self.r_coarse(d).chunk(self.cfg.coarse_layers, 1)
         return [*r_coarse, *r_fine]
 
@@ -119,7 +125,7 @@ class HVAE(Model):
         Returns the decoder's (mean, log_scale) [n,C,H,W] and, per layer from the bottom
         (z_1) to the top (z_N), (z, q_mu, q_lv, p_mu, p_lv).
         """
-        h = self.h_top.expand(n, -1, -1, -1)  # [n,W,h,w]
+        h = torch.zeros(n, self.cfg.width, *self.sizes[-1], device=self.device)  # [n,W,h,w]
         stats = []
         for i, layer in enumerate(self.layers):
             if i == self.cfg.coarse_layers:  # coarsest scale -> full resolution
@@ -135,16 +141,19 @@ class HVAE(Model):
         """Per layer, bottom (z_1) first: (z, q_mu, q_lv, p_mu, p_lv) for one posterior draw."""
         return self.top_down(self.bottom_up(x), len(x))[1]
 
+    def log_px(self, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) in nats, [B], from the decoder's (mean, log_scale)."""
+        return lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
+
     def _elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         (mean, log_scale), stats = self.top_down(self.bottom_up(x), len(x))
-        log_px = lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
-        terms = {"reconstruction": -log_px}
+        terms = {"reconstruction": -self.log_px(x, mean, log_scale)}
         for i, (_, q_mu, q_lv, p_mu, p_lv) in enumerate(stats, 1):
             terms[f"kl_{i}"] = _kl(q_mu, q_lv, p_mu, p_lv)  # analytic, given the sampled z_>i
         return terms
 
     def loss(self, x):
-        """Negative ELBO in nats/dim; in training mode with KL weight beta = min(1, step/kl_warmup)."""
+        """Negative ELBO in nats/dim; when training, KL weighted by min(1, step / kl_warmup)."""
         self._check_x(x)
         terms = self._elbo_terms(x)
         recon = terms.pop("reconstruction")
@@ -163,9 +172,8 @@ class HVAE(Model):
         log_w = []
         for start in range(0, k, per):
             kk = min(per, k - start)
-            x_r = x.repeat(kk, 1, 1, 1)  # [kk*B,C,H,W]
             (mean, log_scale), stats = self.top_down([t.repeat(kk, 1, 1, 1) for t in r], kk * b)
-            lw = lk.discretized_logistic_log_prob(x_r, mean, log_scale, self.levels).flatten(1).sum(1)
+            lw = self.log_px(x.repeat(kk, 1, 1, 1), mean, log_scale)  # [kk*B]
             for z, q_mu, q_lv, p_mu, p_lv in stats:
                 z, q_mu, q_lv, p_mu, p_lv = (t.flatten(1) for t in (z, q_mu, q_lv, p_mu, p_lv))
                 lw = lw + _gaussian_log_prob(z, p_mu, p_lv) - _gaussian_log_prob(z, q_mu, q_lv)
