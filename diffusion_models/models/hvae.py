@@ -12,7 +12,6 @@ weights the training loss, never the reported bounds.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,7 @@ from torch import nn
 from .. import likelihood as lk
 from ..nets import down_sizes
 from . import register
-from .base import Model
-from .vae import _gaussian_log_prob
+from .latent import LatentVariableModel, gaussian_log_prob
 
 
 def _soft_clamp(t: torch.Tensor, bound: float) -> torch.Tensor:
@@ -72,7 +70,7 @@ class TopDownLayer(nn.Module):
 
 
 @register("hvae")
-class HVAE(Model):
+class HVAE(LatentVariableModel):
     """Ladder VAE (Sønderby et al. 2016) / NVAE-style top-down inference (Vahdat & Kautz 2020)."""
 
     family = "hvae"
@@ -145,7 +143,7 @@ class HVAE(Model):
         """log p(x|z) in nats, [B], from the decoder's (mean, log_scale)."""
         return lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
 
-    def _elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         (mean, log_scale), stats = self.top_down(self.bottom_up(x), len(x))
         terms = {"reconstruction": -self.log_px(x, mean, log_scale)}
         for i, (_, q_mu, q_lv, p_mu, p_lv) in enumerate(stats, 1):
@@ -155,7 +153,7 @@ class HVAE(Model):
     def loss(self, x):
         """Negative ELBO in nats/dim; when training, KL weighted by min(1, step / kl_warmup)."""
         self._check_x(x)
-        terms = self._elbo_terms(x)
+        terms = self.elbo_terms(x)
         recon = terms.pop("reconstruction")
         beta = 1.0
         if self.training:
@@ -164,39 +162,16 @@ class HVAE(Model):
                 beta = min(1.0, float(self.steps) / self.cfg.kl_warmup)
         return (recon + beta * sum(terms.values())).mean() / self.dims
 
-    def _iwae(self, x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-        """-log (1/K sum_k p(x,z_k)/q(z_k|x)), z_k ~ q(z|x): batched, chunked over samples."""
-        b = len(x)
-        r = self.bottom_up(x)
-        per = max(1, chunk // b)  # samples per pass, so one pass holds <= chunk examples
-        log_w = []
-        for start in range(0, k, per):
-            kk = min(per, k - start)
-            (mean, log_scale), stats = self.top_down([t.repeat(kk, 1, 1, 1) for t in r], kk * b)
-            lw = self.log_px(x.repeat(kk, 1, 1, 1), mean, log_scale)  # [kk*B]
-            for z, q_mu, q_lv, p_mu, p_lv in stats:
-                z, q_mu, q_lv, p_mu, p_lv = (t.flatten(1) for t in (z, q_mu, q_lv, p_mu, p_lv))
-                lw = lw + _gaussian_log_prob(z, p_mu, p_lv) - _gaussian_log_prob(z, q_mu, q_lv)
-            log_w.append(lw.view(kk, b))
-        log_w = torch.cat(log_w)  # [K, B]
-        return -(torch.logsumexp(log_w, 0) - math.log(k))
+    def posterior(self, x):
+        return self.bottom_up(x)
 
-    @torch.no_grad()
-    def nll_terms(self, x, k: int = 1, chunk: int = 4096, **estimator: Any):
-        """k=1: ELBO terms "reconstruction", "kl_1" (bottom) .. "kl_N" (top); k>1: {"iwae"}."""
-        self._reject(estimator, "hvae")
-        self._check_x(x)
-        if k < 1:
-            raise ValueError(f"hvae: IWAE k must be >= 1, got {k}")
-        if k == 1:
-            return self._elbo_terms(x)
-        return {"iwae": self._iwae(x, k, chunk)}
-
-    def estimators(self, ecfg):
-        out = [("ELBO", {"k": 1})]
-        if ecfg.iwae_k > 1:
-            out.append((f"IWAE-{ecfg.iwae_k}", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
-        return out
+    def log_weights(self, x, post, kk):
+        (mean, log_scale), stats = self.top_down([t.repeat(kk, 1, 1, 1) for t in post], kk * len(x))
+        lw = self.log_px(x.repeat(kk, 1, 1, 1), mean, log_scale)  # [kk*B]
+        for z, q_mu, q_lv, p_mu, p_lv in stats:
+            z, q_mu, q_lv, p_mu, p_lv = (t.flatten(1) for t in (z, q_mu, q_lv, p_mu, p_lv))
+            lw = lw + gaussian_log_prob(z, p_mu, p_lv) - gaussian_log_prob(z, q_mu, q_lv)
+        return lw
 
     @torch.no_grad()
     def sample(self, n, generator=None, **sampler: Any):

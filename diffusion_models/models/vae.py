@@ -1,7 +1,6 @@
 """Variational auto-encoder with a discretized logistic decoder over the L pixel levels."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,18 +9,11 @@ import torch
 from .. import likelihood as lk
 from ..nets import ConvDecoder, ConvEncoder
 from . import register
-from .base import Model
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def _gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, exp(log_var)) summed over the last axis."""
-    return -0.5 * (LOG_2PI + log_var + (z - mu) ** 2 * torch.exp(-log_var)).sum(-1)
+from .latent import LatentVariableModel, gaussian_log_prob
 
 
 @register("vae")
-class VAE(Model):
+class VAE(LatentVariableModel):
     """Kingma & Welling 2014 (ELBO); bound tightened with IWAE-K (Burda et al. 2016)."""
 
     family = "vae"
@@ -51,7 +43,7 @@ class VAE(Model):
         mean, log_scale = self.decode(z)
         return lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
 
-    def _elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, log_var = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         kl = 0.5 * (mu**2 + torch.exp(log_var) - 1.0 - log_var).sum(1)  # analytic KL(q||N(0,I))
@@ -59,41 +51,18 @@ class VAE(Model):
 
     def loss(self, x):
         self._check_x(x)
-        terms = self._elbo_terms(x)
+        terms = self.elbo_terms(x)
         return (terms["reconstruction"] + terms["kl"]).mean() / self.dims
 
-    def _iwae(self, x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-        """-log (1/K sum_k p(x,z_k)/q(z_k|x)), z_k ~ q(z|x): batched, chunked over samples."""
-        b = len(x)
-        mu, log_var = self.encode(x)
-        per = max(1, chunk // b)  # samples per pass, so one pass holds <= chunk examples
-        log_w = []
-        for start in range(0, k, per):
-            kk = min(per, k - start)
-            mu_r, lv_r = mu.repeat(kk, 1), log_var.repeat(kk, 1)  # [kk*B, Z]
-            z = mu_r + torch.randn_like(mu_r) * torch.exp(0.5 * lv_r)
-            lw = (self.log_px(x.repeat(kk, 1, 1, 1), z)
-                  + _gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-                  - _gaussian_log_prob(z, mu_r, lv_r))
-            log_w.append(lw.view(kk, b))
-        log_w = torch.cat(log_w)  # [K, B]
-        return -(torch.logsumexp(log_w, 0) - math.log(k))
+    def posterior(self, x):
+        return self.encode(x)
 
-    @torch.no_grad()
-    def nll_terms(self, x, k: int = 1, chunk: int = 4096, **estimator: Any):
-        self._reject(estimator, "vae")
-        self._check_x(x)
-        if k < 1:
-            raise ValueError(f"vae: IWAE k must be >= 1, got {k}")
-        if k == 1:
-            return self._elbo_terms(x)
-        return {"iwae": self._iwae(x, k, chunk)}
-
-    def estimators(self, ecfg):
-        out = [("ELBO", {"k": 1})]
-        if ecfg.iwae_k > 1:
-            out.append((f"IWAE-{ecfg.iwae_k}", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
-        return out
+    def log_weights(self, x, post, kk):
+        mu, log_var = (p.repeat(kk, 1) for p in post)  # [kk*B, Z]
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        return (self.log_px(x.repeat(kk, 1, 1, 1), z)
+                + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+                - gaussian_log_prob(z, mu, log_var))
 
     @torch.no_grad()
     def sample(self, n, generator=None, **sampler: Any):

@@ -1,0 +1,55 @@
+"""Shared bounds of latent-variable models (VAE, HVAE): ELBO terms and the IWAE-K bound."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import Model
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, exp(log_var)) summed over the last axis."""
+    return -0.5 * (LOG_2PI + log_var + (z - mu) ** 2 * torch.exp(-log_var)).sum(-1)
+
+
+class LatentVariableModel(Model):
+    """Subclasses provide `elbo_terms(x)`, `posterior(x)` (computed once per batch) and
+    `log_weights(x, post, kk)`: log p(x, z) - log q(z | x) for kk fresh z per example."""
+
+    def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def posterior(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def log_weights(self, x: torch.Tensor, post: Any, kk: int) -> torch.Tensor:
+        """[kk*B] log importance weights, sample-major (rows j*B .. j*B+B-1 are sample j)."""
+        raise NotImplementedError
+
+    def iwae(self, x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+        """-log (1/K sum_k p(x,z_k)/q(z_k|x)), z_k ~ q(z|x) (Burda et al. 2016): batched over
+        examples and samples, chunked so that one network pass holds <= `chunk` rows."""
+        b = len(x)
+        post = self.posterior(x)
+        per = max(1, chunk // b)
+        log_w = [self.log_weights(x, post, min(per, k - start)).view(-1, b) for start in range(0, k, per)]
+        return -(torch.logsumexp(torch.cat(log_w), 0) - math.log(k))  # [B]
+
+    @torch.no_grad()
+    def nll_terms(self, x, k: int = 1, chunk: int = 4096, **estimator: Any):
+        """k = 1: the ELBO's named terms; k > 1: {"iwae": IWAE-k bound}."""
+        self._reject(estimator, self.name)
+        self._check_x(x)
+        if k < 1:
+            raise ValueError(f"{self.name}: IWAE k must be >= 1, got {k}")
+        return self.elbo_terms(x) if k == 1 else {"iwae": self.iwae(x, k, chunk)}
+
+    def estimators(self, ecfg):
+        out = [("ELBO", {"k": 1})]
+        if ecfg.iwae_k > 1:
+            out.append((f"IWAE-{ecfg.iwae_k}", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
+        return out
