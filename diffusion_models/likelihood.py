@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 LN2 = math.log(2.0)
+LOG_2PI = math.log(2.0 * math.pi)
 
 
 def to_unit(x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -70,6 +71,17 @@ def sample_discretized_logistic(mean: torch.Tensor, log_scale: torch.Tensor, lev
     u = torch.rand(mean.shape, generator=generator, device=mean.device).clamp(1e-6, 1 - 1e-6)
     y = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
     return from_unit(y, levels)
+
+
+def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, exp(log_var)) elementwise (continuous density)."""
+    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
 def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:

@@ -12,9 +12,13 @@ def down_sizes(h: int, w: int, min_size: int = 4) -> list[tuple[int, int]]:
     """Spatial sizes of a stride-2 (k3, p1) pyramid, from (h, w) down to <= min_size."""
     sizes = [(h, w)]
     while max(sizes[-1]) > min_size:
-        a, b = sizes[-1]
-        sizes.append(((a + 1) // 2, (b + 1) // 2))
+        sizes.append(half_size(sizes[-1]))
     return sizes
+
+
+def half_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Output size of a stride-2, kernel-3, padding-1 conv."""
+    return ((size[0] + 1) // 2, (size[1] + 1) // 2)
 
 
 class ConvBlock(nn.Sequential):
@@ -23,10 +27,6 @@ class ConvBlock(nn.Sequential):
 
 
 BOTTLENECK = (4, 4)  # spatial size at the VAE's linear bottleneck, for every image size
-
-
-def half_size(size: tuple[int, int]) -> tuple[int, int]:
-    return ((size[0] + 1) // 2, (size[1] + 1) // 2)
 
 
 class ConvEncoder(nn.Module):

@@ -1,6 +1,7 @@
 """Training under a budget counted in images seen (as NVlabs/edm counts kimg)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -85,8 +86,9 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         idx = perm[cursor: cursor + bs].to(images.device)
         cursor += bs
         loss = model.loss(images[idx])
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{model.name}: non-finite loss {loss.item()} at step {step} "
+        value = loss.item()  # the step's one host sync: NaN check and the logged mean
+        if not math.isfinite(value):
+            raise TrainingError(f"{model.name}: non-finite loss {value} at step {step} "
                                 f"({seen} images seen); no checkpoint written for this run")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,7 +98,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         if ema is not None:
             ema.update_parameters(model)
         seen += bs
-        window.append(loss.item())
+        window.append(value)
         bar.update(bs)
         if step % cfg.log_every == 0 or step == len(sizes):
             mean_loss = sum(window) / len(window)

@@ -5,20 +5,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffusion_models import data, models
+from diffusion_models import models
 from diffusion_models.config import EvalConfig, TrainConfig
 from diffusion_models.train import train
-
-SHAPES = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}
-
-
-def uniform(n, shape, levels, seed=0):
-    return torch.randint(0, levels, (n, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-def digits_train():
-    return torch.from_numpy(data.load("digits", "train").images).long()
-
+from helpers import SHAPES, digits_train, uniform
 
 @pytest.mark.parametrize("dataset", SHAPES)
 def test_builds_matched_size_and_elbo_terms_sum_to_bound(dataset):

@@ -11,18 +11,14 @@ from diffusion_models import data, models
 from diffusion_models.config import EvalConfig, TrainConfig
 from diffusion_models.likelihood import bits_per_dim, discretized_logistic_log_prob
 from diffusion_models.train import train
+from helpers import SHAPES, digits_train, uniform
 
-SHAPES = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}
 
 
 def fast(name, **kw):
     """Build with defaults, but few diffusion steps where the model has a T (keeps tests fast)."""
     fields = models.get(name).Config.__dataclass_fields__
     return models.build(name, **kw, **({"T": 50} if "T" in fields else {}))
-
-
-def uniform(n, shape, levels, seed=0):
-    return torch.randint(0, levels, (n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 def test_registry_names_and_unknown():
@@ -125,7 +121,7 @@ def test_vae_decoder_probabilities_sum_to_one():
 @pytest.mark.parametrize("name", ["vae", "hvae"])
 def test_iwae_does_not_loosen_with_k(name):
     shape, levels = SHAPES["digits"]
-    tr = torch.from_numpy(data.load("digits", "train").images).long()
+    tr = digits_train()
     m = models.build(name, shape=shape, levels=levels)
     train(m, tr, TrainConfig(images=4096, batch_size=64), progress=False)
     x = tr[:200]

@@ -35,12 +35,6 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
     raise ValueError(f"unknown noise schedule '{schedule}'; use 'linear' or 'cosine'")
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise."""
-    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
-
-
 class GaussianDiffusion(Model):
     """Shared machinery; subclasses pick the network target and the training loss."""
 
@@ -99,14 +93,14 @@ class GaussianDiffusion(Model):
             extra = fourier_features(x0_scale, self.levels, tuple(self.cfg.fourier))
         return self.net(x_t, t.float() * (1000.0 / self.cfg.T), extra)
 
-    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Luo (2022): eps = (x_t - sqrt(ab) x0) / sqrt(1-ab) = -sqrt(1-ab) * score."""
+    def x0_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Luo (2022): x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) = (x_t + (1-ab) score) / sqrt(ab)."""
+        if self.target == "x0":
+            return out
         ab = self._bcast(self.alpha_bar, t)
         if self.target == "eps":
-            return out
-        if self.target == "x0":
-            return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
-        return -(1 - ab).sqrt() * out  # score
+            return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+        return (x_t + (1 - ab) * out) / ab.sqrt()  # score
 
     def mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(x_{t-1} | x_t) from the raw network output."""
@@ -118,9 +112,7 @@ class GaussianDiffusion(Model):
         else:
             fixed = self.log_post_var if self.cfg.variance == "small" else self.log_beta
             logvar = self._bcast(fixed, t).expand_as(x_t)
-        eps = self.eps_from_output(out, x_t, t)
-        ab = self._bcast(self.alpha_bar, t)
-        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        x0 = self.x0_from_output(out, x_t, t)
         if self.cfg.clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
         return self.posterior_mean(x0, x_t, t), logvar
@@ -139,11 +131,11 @@ class GaussianDiffusion(Model):
         """L_{t-1} per example [B] given x_t and the model's p(x_{t-1}|x_t): KL for t >= 2,
         -log p(x_0|x_1) at t = 1. x_int given: discretized Gaussian decoder over the L levels
         (a bound on the discrete P(x)); None: continuous density (for the analytic tests)."""
-        kl = normal_kl(self.posterior_mean(x0, x_t, t), self._bcast(self.log_post_var, t), mean, logvar)
+        kl = lk.normal_kl(self.posterior_mean(x0, x_t, t), self._bcast(self.log_post_var, t), mean, logvar)
         if x_int is not None:
             nll0 = -lk.discretized_gaussian_log_prob(x_int, mean, 0.5 * logvar, self.levels)
         else:
-            nll0 = 0.5 * (math.log(2 * math.pi) + logvar + (x0 - mean) ** 2 * torch.exp(-logvar))
+            nll0 = -lk.normal_log_prob(x0, mean, logvar)
         return torch.where(t == 1, nll0.flatten(1).sum(1), kl.flatten(1).sum(1))
 
     def vlb_term(self, x0: torch.Tensor, t: torch.Tensor, x_int: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,7 +146,7 @@ class GaussianDiffusion(Model):
     def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
         ab = self.alpha_bar[-1]
         zero = torch.zeros((), device=x0.device)
-        return normal_kl(ab.sqrt() * x0, torch.log(1 - ab), zero, zero).flatten(1).sum(1)
+        return lk.normal_kl(ab.sqrt() * x0, torch.log(1 - ab), zero, zero).flatten(1).sum(1)
 
     def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int,
                    chunk: int) -> dict[str, torch.Tensor]:

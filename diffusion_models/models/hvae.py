@@ -22,17 +22,11 @@ from torch import nn
 from .. import likelihood as lk
 from ..nets import down_sizes
 from . import register
-from .latent import LatentVariableModel, gaussian_log_prob
+from .latent import LatentVariableModel
 
 
 def _soft_clamp(t: torch.Tensor, bound: float) -> torch.Tensor:
     return bound * torch.tanh(t / bound)
-
-
-def _kl(q_mu, q_lv, p_mu, p_lv) -> torch.Tensor:
-    """KL(N(q_mu, e^q_lv) || N(p_mu, e^p_lv)) summed over all but the batch axis, [B]."""
-    kl = 0.5 * (p_lv - q_lv + (torch.exp(q_lv) + (q_mu - p_mu) ** 2) * torch.exp(-p_lv) - 1.0)
-    return kl.flatten(1).sum(1)
 
 
 class TopDownLayer(nn.Module):
@@ -139,15 +133,12 @@ class HVAE(LatentVariableModel):
         """Per layer, bottom (z_1) first: (z, q_mu, q_lv, p_mu, p_lv) for one posterior draw."""
         return self.top_down(self.bottom_up(x), len(x))[1]
 
-    def log_px(self, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) in nats, [B], from the decoder's (mean, log_scale)."""
-        return lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
-
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         (mean, log_scale), stats = self.top_down(self.bottom_up(x), len(x))
-        terms = {"reconstruction": -self.log_px(x, mean, log_scale)}
+        terms = {"reconstruction": -self.decoder_log_prob(x, mean, log_scale)}
         for i, (_, q_mu, q_lv, p_mu, p_lv) in enumerate(stats, 1):
-            terms[f"kl_{i}"] = _kl(q_mu, q_lv, p_mu, p_lv)  # analytic, given the sampled z_>i
+            # analytic, given the sampled z_>i
+            terms[f"kl_{i}"] = lk.normal_kl(q_mu, q_lv, p_mu, p_lv).flatten(1).sum(1)
         return terms
 
     def loss(self, x):
@@ -167,10 +158,9 @@ class HVAE(LatentVariableModel):
 
     def log_weights(self, x, post, kk):
         (mean, log_scale), stats = self.top_down([t.repeat(kk, 1, 1, 1) for t in post], kk * len(x))
-        lw = self.log_px(x.repeat(kk, 1, 1, 1), mean, log_scale)  # [kk*B]
+        lw = self.decoder_log_prob(x.repeat(kk, 1, 1, 1), mean, log_scale)  # [kk*B]
         for z, q_mu, q_lv, p_mu, p_lv in stats:
-            z, q_mu, q_lv, p_mu, p_lv = (t.flatten(1) for t in (z, q_mu, q_lv, p_mu, p_lv))
-            lw = lw + gaussian_log_prob(z, p_mu, p_lv) - gaussian_log_prob(z, q_mu, q_lv)
+            lw = lw + (lk.normal_log_prob(z, p_mu, p_lv) - lk.normal_log_prob(z, q_mu, q_lv)).flatten(1).sum(1)
         return lw
 
     @torch.no_grad()

@@ -6,14 +6,8 @@ from typing import Any
 
 import torch
 
+from .. import likelihood as lk
 from .base import Model
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, exp(log_var)) summed over the last axis."""
-    return -0.5 * (LOG_2PI + log_var + (z - mu) ** 2 * torch.exp(-log_var)).sum(-1)
 
 
 class LatentVariableModel(Model):
@@ -25,6 +19,10 @@ class LatentVariableModel(Model):
 
     def posterior(self, x: torch.Tensor) -> Any:
         raise NotImplementedError
+
+    def decoder_log_prob(self, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) in nats, [B]: the discretized logistic decoder shared by VAE and HVAE."""
+        return lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
 
     def log_weights(self, x: torch.Tensor, post: Any, kk: int) -> torch.Tensor:
         """[kk*B] log importance weights, sample-major (rows j*B .. j*B+B-1 are sample j)."""

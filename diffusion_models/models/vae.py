@@ -9,7 +9,7 @@ import torch
 from .. import likelihood as lk
 from ..nets import ConvDecoder, ConvEncoder
 from . import register
-from .latent import LatentVariableModel, gaussian_log_prob
+from .latent import LatentVariableModel
 
 
 @register("vae")
@@ -40,13 +40,13 @@ class VAE(LatentVariableModel):
 
     def log_px(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) in nats, [B]."""
-        mean, log_scale = self.decode(z)
-        return lk.discretized_logistic_log_prob(x, mean, log_scale, self.levels).flatten(1).sum(1)
+        return self.decoder_log_prob(x, *self.decode(z))
 
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, log_var = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
-        kl = 0.5 * (mu**2 + torch.exp(log_var) - 1.0 - log_var).sum(1)  # analytic KL(q||N(0,I))
+        zero = torch.zeros((), device=mu.device)
+        kl = lk.normal_kl(mu, log_var, zero, zero).sum(1)  # analytic KL(q || N(0, I))
         return {"reconstruction": -self.log_px(x, z), "kl": kl}
 
     def loss(self, x):
@@ -60,9 +60,9 @@ class VAE(LatentVariableModel):
     def log_weights(self, x, post, kk):
         mu, log_var = (p.repeat(kk, 1) for p in post)  # [kk*B, Z]
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        zero = torch.zeros((), device=z.device)
         return (self.log_px(x.repeat(kk, 1, 1, 1), z)
-                + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-                - gaussian_log_prob(z, mu, log_var))
+                + (lk.normal_log_prob(z, zero, zero) - lk.normal_log_prob(z, mu, log_var)).sum(1))
 
     @torch.no_grad()
     def sample(self, n, generator=None, **sampler: Any):

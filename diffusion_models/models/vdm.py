@@ -89,9 +89,8 @@ class VDM(Model):
     def _prior_term(self, x: torch.Tensor) -> torch.Tensor:
         """KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) summed over dims: [B]; x float [B,C,H,W]."""
         g1 = self.gamma.gamma_max
-        alpha2, sigma2 = torch.sigmoid(-g1), torch.sigmoid(g1)
-        kl = 0.5 * (sigma2 + alpha2 * x**2 - 1.0 - F.logsigmoid(g1))
-        return kl.flatten(1).sum(1)
+        zero = torch.zeros((), device=x.device)
+        return lk.normal_kl(torch.sqrt(torch.sigmoid(-g1)) * x, F.logsigmoid(g1), zero, zero).flatten(1).sum(1)
 
     def _diffusion_term(self, x: torch.Tensor, t: torch.Tensor, eps_fn: EpsFn | None = None,
                         create_graph: bool = False) -> torch.Tensor:
