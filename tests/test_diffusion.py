@@ -139,3 +139,24 @@ def test_matching_weights_equal_the_vlb_kl(name):
         assert torch.allclose(kl, lam[step] * delta**2 * 64 * torch.ones(3, dtype=torch.double),
                               rtol=1e-6), (step, kl, lam[step] * delta**2 * 64)
     assert m.t_probs[:2].sum() == 0 and m.t_probs.sum().item() == pytest.approx(1.0)
+
+
+def test_x0_preconditioning_skip_is_the_wiener_denoiser():
+    """With the U-Net output at zero, the preconditioned x0 model is the optimal (Wiener)
+    denoiser of N(0, sigma_data^2) data, so its VLB equals the eps model with the analytic
+    optimal eps (computed independently above) on the same noise."""
+    sd = 0.5
+    x0_model = models.build("ddpm_x0", shape=SHAPE, levels=256, T=100, clip_x0=False,
+                            variance="large", sigma_data=sd)
+    for p in x0_model.net.parameters():
+        torch.nn.init.zeros_(p)
+    ref = models.build("ddpm", shape=SHAPE, levels=256, T=100, clip_x0=False, variance="large")
+    ref.denoise = optimal_eps(ref, 0.0, sd)
+    x0 = sd * torch.randn(256, *SHAPE)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = x0_model._vlb_terms(x0, None, t_samples=0, chunk=1 << 16)
+        torch.manual_seed(3)
+        b = ref._vlb_terms(x0, None, t_samples=0, chunk=1 << 16)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-3), k

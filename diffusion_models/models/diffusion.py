@@ -86,12 +86,17 @@ class GaussianDiffusion(Model):
         return arr[t].view(-1, 1, 1, 1)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw network output at integer times t [B] (time input scaled to 0..1000)."""
+        """The model's prediction of its target (eps | x0 | score) at integer times t [B]:
+        the U-Net output (time input scaled to 0..1000) through `precondition`."""
         extra = None
         if self.cfg.fourier:
             x0_scale = x_t / self._bcast(self.alpha_bar, t).sqrt()
             extra = fourier_features(x0_scale, self.levels, tuple(self.cfg.fourier))
-        return self.net(x_t, t.float() * (1000.0 / self.cfg.T), extra)
+        return self.precondition(self.net(x_t, t.float() * (1000.0 / self.cfg.T), extra), x_t, t)
+
+    def precondition(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Raw network output -> prediction in the target's units (eps: the identity)."""
+        return out
 
     def x0_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Luo (2022): x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) = (x_t + (1-ab) score) / sqrt(ab)."""
@@ -241,14 +246,36 @@ class DDPM(GaussianDiffusion):
 class _VLBMatching(GaussianDiffusion):
     """Luo (2022): the denoising matching term of the ELBO in this target's own units,
     L_{t-1} = lambda(t) ||target - prediction||^2 for t >= 2 (posterior variance beta~_t).
-    t is importance-sampled with p(t) ~ lambda(t), so the per-sample loss is the plain squared
-    error and its expectation is the VLB's matching terms up to a constant."""
+
+    Preconditioning (EDM, Karras et al. 2022; NCSNv2, Song & Ermon 2020): the prediction is
+    skip(t) x_t + scale(t) F(x_t, t) with the U-Net output F of unit scale, so the net has an
+    identity path at low noise, where the VLB weights errors most. With `precondition: false`
+    the U-Net outputs the target directly (skip 0, scale 1).
+
+    Training is the VLB matching objective, importance-sampled: t ~ p(t) ~ lambda(t) scale(t)^2
+    (uniform per-t weight in F's units), per-example loss lambda(t)/p(t) ||target - pred||^2
+    up to a constant, i.e. ||F* - F||^2 -- unbiased for sum_t lambda(t) E||target - pred||^2."""
+
+    @dataclass
+    class Config(GaussianDiffusion.Config):
+        precondition: bool = True
+        sigma_data: float = 0.5   # data std assumed by the x0 preconditioning (EDM's default)
 
     def __init__(self, shape, levels, cfg):
         super().__init__(shape, levels, cfg)
-        weights = self.vlb_weight().double()
+        if cfg.sigma_data <= 0:
+            raise ValueError(f"{type(self).__name__}: sigma_data must be > 0, got {cfg.sigma_data}")
+        ab = self.alpha_bar.double()
+        skip, scale = self.skip_scale(ab) if cfg.precondition else (torch.zeros_like(ab), torch.ones_like(ab))
+        weights = self.vlb_weight().double() * scale**2
         weights[:2] = 0.0  # t = 0 (unused), t = 1 (the decoder term)
-        self.register_buffer("t_probs", (weights / weights.sum()).float(), persistent=False)
+        for k, v in {"t_probs": weights / weights.sum(), "skip": skip, "scale": scale}.items():
+            self.register_buffer(k, v.float(), persistent=False)
+
+    def precondition(self, out, x_t, t):
+        c = self.shape[0]
+        pred = self._bcast(self.skip, t) * x_t + self._bcast(self.scale, t) * out[:, :c]
+        return torch.cat([pred, out[:, c:]], 1) if out.shape[1] > c else pred
 
     def x0_weight(self) -> torch.Tensor:
         """lambda(t) for x0 errors: coef_x0(t)^2 / (2 beta~_t), [T+1]."""
@@ -258,23 +285,34 @@ class _VLBMatching(GaussianDiffusion):
     def sample_t(self, n, device):
         return torch.multinomial(self.t_probs, n, replacement=True).to(device)
 
+    def matching_loss(self, out, x0, eps, x_t, t):
+        return ((out - self.target_of(x0, eps, t)) ** 2 / self._bcast(self.scale, t) ** 2).flatten(1).mean(1)
+
 
 @register("ddpm_x0")
 class DDPMx0(_VLBMatching):
-    """Luo 2022 (Understanding Diffusion Models), x0 interpretation: the network predicts x_0."""
+    """Luo 2022 (Understanding Diffusion Models), x0 interpretation: the model predicts x_0.
+    Preconditioned as EDM's denoiser: skip = the Wiener (linear least-squares) estimate of x_0
+    for data of std sigma_data, scale = that estimate's posterior std."""
 
     target = "x0"
 
     def vlb_weight(self):
         return self.x0_weight()
 
-    def matching_loss(self, out, x0, eps, x_t, t):
-        return ((out - x0) ** 2).flatten(1).mean(1)
+    def skip_scale(self, ab):
+        sd2 = self.cfg.sigma_data ** 2
+        denom = ab * sd2 + 1 - ab
+        return sd2 * ab.sqrt() / denom, (sd2 * (1 - ab) / denom).sqrt()
+
+    def target_of(self, x0, eps, t):
+        return x0
 
 
 @register("ddpm_score")
 class DDPMScore(_VLBMatching):
-    """Luo 2022, score interpretation: the network predicts grad log q(x_t) (Tweedie)."""
+    """Luo 2022, score interpretation: the model predicts grad log q(x_t) (Tweedie).
+    Preconditioned as NCSNv2: score = F / sigma_t with sigma_t = sqrt(1 - alpha_bar_t)."""
 
     target = "score"
 
@@ -283,9 +321,11 @@ class DDPMScore(_VLBMatching):
         ab = self.alpha_bar.double()
         return self.x0_weight() * (1 - ab) ** 2 / ab
 
-    def matching_loss(self, out, x0, eps, x_t, t):
-        score = -eps / (1 - self._bcast(self.alpha_bar, t)).sqrt()  # grad_x_t log q(x_t | x_0)
-        return ((out - score) ** 2).flatten(1).mean(1)
+    def skip_scale(self, ab):
+        return torch.zeros_like(ab), 1 / (1 - ab).clamp(min=1e-20).sqrt()
+
+    def target_of(self, x0, eps, t):
+        return -eps / (1 - self._bcast(self.alpha_bar, t)).sqrt()  # grad_x_t log q(x_t | x_0)
 
 
 @register("iddpm")
