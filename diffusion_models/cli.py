@@ -3,6 +3,8 @@
     python -m diffusion_models prepare
     python -m diffusion_models train MODEL [--device auto|cpu|cuda]
     python -m diffusion_models evaluate MODEL [--device ...]
+    python -m diffusion_models features [--device ...]
+    python -m diffusion_models sample MODEL [--device ...]
     python -m diffusion_models compare
     python -m diffusion_models fetch mnist|cifar10
 """
@@ -22,6 +24,7 @@ import yaml
 from . import config as config_mod
 from . import data, models, report
 from .config import Config, ConfigError
+from .quality import QualityError
 from .runtime import device_label, read_json, resolve_device, seed_everything, versions, write_json, write_text
 
 PREPARED = Path("data/prepared")
@@ -30,6 +33,10 @@ TRAIN_RECORDS = Path("results/train")
 EVAL_RECORDS = Path("results/eval")
 METRICS = Path("results/metrics")  # compact numeric summaries: what `dvc metrics show` lists
 LIVE = Path("results/live")
+FEATURES = Path("results/features")          # domain classifier + torch-fidelity reference cache
+REFERENCE_CACHE = FEATURES / "reference"
+SAMPLE_RECORDS = Path("results/sample")
+GRIDS = Path("results/samples")
 RESULTS = Path("results")
 
 
@@ -112,17 +119,22 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     return record
 
 
-def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    from .evaluate import evaluate_bounds
-
+def _load_model(cfg: Config, name: str, dev: torch.device) -> models.Model:
+    """The trained checkpoint of `name`, refused if params now give a different model config."""
     overrides = _model_overrides(cfg, name)
-    dev = _setup_torch(cfg, device)
     model, state = models.load(CHECKPOINTS / f"{name}.pt", map_location=dev)
     expected = dataclasses.asdict(models.make_config(name, overrides))
     if state["config"] != expected:
         raise StageError(f"checkpoint {CHECKPOINTS / name}.pt was trained with model config "
                          f"{state['config']}, params.yaml now gives {expected}: retrain it")
-    model.to(dev)
+    return model.to(dev)
+
+
+def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    from .evaluate import evaluate_bounds
+
+    dev = _setup_torch(cfg, device)
+    model = _load_model(cfg, name, dev)
     test_ds = data.load_prepared(PREPARED / "test.npz")
     bounds = evaluate_bounds(model, _to_tensor(test_ds, dev), cfg.evaluate)
     record = {"model": name, "family": model.family, "dataset": test_ds.name,
@@ -138,21 +150,133 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     return record
 
 
+def _reference(cfg: Config) -> tuple[data.Dataset, str]:
+    train_ds = data.load_prepared(PREPARED / "train.npz")
+    if train_ds.name != cfg.data.name:
+        raise StageError(f"prepared data is '{train_ds.name}' but params say data.name="
+                         f"'{cfg.data.name}': rerun the prepare stage")
+    return train_ds, f"{train_ds.name}-train"
+
+
+def _extractor_weights(cfg: Config, extractor: str) -> tuple[Path | None, str]:
+    """(weights file, 'ok') or (None, 'not available: ...'); require_inception makes the latter an error."""
+    from . import quality
+
+    if extractor == quality.CLASSIFIER:
+        return FEATURES / "classifier.pt", "ok"
+    missing = quality.inception_status(cfg.features.inception_weights)
+    if missing and cfg.features.require_inception:
+        raise StageError(f"Inception-v3 {missing} (features.require_inception is true; set "
+                         "features.inception_weights to a torch-fidelity weights file)")
+    return (None, missing) if missing else (quality.inception_weights_path(cfg.features.inception_weights), "ok")
+
+
+def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
+    """Train the domain classifier; cache each available extractor's reference features/statistics."""
+    from . import quality
+
+    weights = {e: _extractor_weights(cfg, e) for e in quality.EXTRACTORS}  # fail before any work
+    dev = _setup_torch(cfg, device)
+    train_ds, ref_name = _reference(cfg)
+    test_ds = data.load_prepared(PREPARED / "test.npz")
+    f = cfg.features
+    res = quality.train_classifier(
+        torch.from_numpy(train_ds.images).long(), torch.from_numpy(train_ds.labels).long(),
+        torch.from_numpy(test_ds.images).long(), torch.from_numpy(test_ds.labels).long(), train_ds.levels,
+        epochs=f.epochs, width=f.width, lr=f.lr, batch_size=f.batch_size, seed=f.seed)
+    quality.save_classifier(res.model, FEATURES / "classifier.pt")
+    reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
+    extractors = {}
+    for name, (path, status) in weights.items():
+        extractors[name] = status
+        if path is not None:  # fills torch-fidelity's cache; also reports the self-FID (~0)
+            self_fid = quality.fidelity_metrics(
+                reference, reference, extractor=name, weights=path, cache_root=REFERENCE_CACHE,
+                cache_name=ref_name, device=dev, kid_subset_size=cfg.sample.kid_subset_size,
+                kid_subsets=2, prc_neighborhood=cfg.sample.prc_neighborhood, seed=0, write_cache=True,
+                samples_cache_name=ref_name)["fid"]  # one feature pass: input1 reads input2's cache
+            print(f"reference {ref_name} with {name}: {len(reference)} images, self-FID {self_fid:.2e}")
+        else:
+            print(f"{name}: {status}")
+    quality.sample_grid(torch.from_numpy(train_ds.images).long(), train_ds.levels, GRIDS / "real.png")
+    record = {"dataset": train_ds.name, "reference": f"train split ({len(train_ds)} images)",
+              "classifier": {"test_accuracy": res.test_accuracy, "train_accuracy": res.train_accuracy,
+                             "n_test": len(test_ds), "seconds": res.seconds, "features": res.model.num_features,
+                             "config": dataclasses.asdict(f)},
+              "extractors": extractors, "device": device_label(dev), "versions": versions()}
+    write_json(FEATURES / "features.json", record)
+    write_json(METRICS / "features.json", {"classifier_test_accuracy": res.test_accuracy})
+    print(f"domain classifier: test accuracy {res.test_accuracy:.4f} on {len(test_ds)} images "
+          f"({res.seconds:.1f}s)")
+    return record
+
+
+def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    """Draw n_samples from the model's default sampler; FID/KID/PR per extractor; a grid."""
+    import time
+
+    from . import quality
+
+    weights = {e: _extractor_weights(cfg, e) for e in quality.EXTRACTORS}  # fail before sampling
+    dev = _setup_torch(cfg, device)
+    model = _load_model(cfg, name, dev)
+    train_ds, ref_name = _reference(cfg)
+    s = cfg.sample
+    n = s.n_samples or data.spec(cfg.data.name).fid_samples
+    gen = torch.Generator(device=dev).manual_seed(s.seed)
+    start = time.perf_counter()
+    images = torch.cat([model.sample(min(s.batch_size, n - i), generator=gen) for i in range(0, n, s.batch_size)])
+    seconds = time.perf_counter() - start
+    quality.sample_grid(images, model.levels, GRIDS / f"{name}.png")
+    samples = quality.ImageSet(images, model.levels)
+    reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
+    rows = []
+    for extractor, (path, status) in weights.items():
+        row: dict[str, Any] = {"extractor": extractor, "status": status}
+        if path is not None:
+            row.update(quality.fidelity_metrics(
+                samples, reference, extractor=extractor, weights=path, cache_root=REFERENCE_CACHE,
+                cache_name=ref_name, device=dev, kid_subset_size=s.kid_subset_size,
+                kid_subsets=s.kid_subsets, prc_neighborhood=s.prc_neighborhood, seed=s.seed))
+            row["fid_torchmetrics"] = quality.torchmetrics_fid(samples, reference, extractor=extractor,
+                                                               weights=path, device=dev)
+            row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
+            print(f"{name} [{extractor}] FID {row['fid']:.4f} (torchmetrics {row['fid_torchmetrics']:.4f}), "
+                  f"KID {row['kid']:.5f} ± {row['kid_std']:.5f}, precision {row['precision']:.3f}, "
+                  f"recall {row['recall']:.3f}")
+        else:
+            print(f"{name} [{extractor}] {status}")
+        rows.append(row)
+    record = {"model": name, "dataset": train_ds.name, "sampler": model.sampler_label(), "n_samples": n,
+              "reference": f"train split ({len(train_ds)} images)", "sample_seconds": seconds,
+              "sample_batch_size": s.batch_size, "metrics": rows, "device": device_label(dev),
+              "sample_config": dataclasses.asdict(s), "versions": versions()}
+    write_json(SAMPLE_RECORDS / f"{name}.json", record)
+    write_json(METRICS / f"{name}.sample.json", {
+        k: {r["extractor"]: r[k] for r in rows if r["status"] == "ok"}
+        for k in ("fid", "kid", "precision", "recall")})
+    return record
+
+
 def compare(cfg: Config) -> None:
     names = list(cfg.models)
     trains = [read_json(TRAIN_RECORDS / f"{m}.json") for m in names]
     evals = [read_json(EVAL_RECORDS / f"{m}.json") for m in names]
+    samples = [read_json(SAMPLE_RECORDS / f"{m}.json") for m in names]
     nll = report.nll_table(evals)
-    comp = report.comparison_table(trains, nll)
+    sampling = report.sampling_table(samples)
+    comp = report.comparison_table(trains, nll, sampling)
     caption = report.provenance(trains, cfg.train.images)
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
     nll["dataset"], nll["seed"] = cfg.data.name, cfg.train.seed
-    for df in (comp, nll):
+    for df in (comp, nll, sampling):
         df["budget_images"], df["versions"] = cfg.train.images, versions_str
     write_text(RESULTS / "comparison.csv", comp.to_csv(index=False))
     write_text(RESULTS / "nll.csv", nll.to_csv(index=False))
-    write_text(RESULTS / "comparison.md", report.markdown(comp, nll, caption))
-    print(report.markdown(comp, nll, caption))
+    write_text(RESULTS / "sampling.csv", sampling.to_csv(index=False))
+    text = report.markdown(comp, nll, sampling, caption)
+    write_text(RESULTS / "comparison.md", text)
+    print(text)
 
 
 def fetch(name: str, root: str | Path) -> None:
@@ -178,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="write the train/test splits of data.name")
-    for cmd in ("train", "evaluate"):
+    for cmd in ("train", "evaluate", "sample"):
         s = sub.add_parser(cmd, help=f"{cmd} one model")
         s.add_argument("model")
         s.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: params train.device)")
+    s = sub.add_parser("features", help="train the FID domain classifier; cache reference statistics")
+    s.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: params train.device)")
     sub.add_parser("compare", help="write results/comparison.{csv,md} and results/nll.csv")
     f = sub.add_parser("fetch", help="download and verify a real dataset pinned in data.dvc")
     f.add_argument("dataset")
@@ -196,11 +322,16 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, args.model, args.device)
         elif args.cmd == "evaluate":
             evaluate(cfg, args.model, args.device)
+        elif args.cmd == "features":
+            features(cfg, args.device)
+        elif args.cmd == "sample":
+            sample(cfg, args.model, args.device)
         elif args.cmd == "compare":
             compare(cfg)
         elif args.cmd == "fetch":
             fetch(args.dataset, cfg.data.root)
-    except (ConfigError, data.DataError, StageError, KeyError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, data.DataError, StageError, QualityError, KeyError, FileNotFoundError,
+            ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -55,10 +55,36 @@ class EvalConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """The `features` stage: FID feature extractors and the reference statistics."""
+    epochs: int = 40              # domain classifier training epochs (digits: 99.7% test accuracy)
+    width: int = 32               # classifier channels (features: 4 x width after global pooling)
+    lr: float = 3e-3
+    batch_size: int = 64
+    seed: int = 0
+    inception_weights: str | None = None  # Inception-v3 weights file (torch-fidelity format);
+                                  # None: torch-fidelity's download cache under the torch hub dir
+    require_inception: bool = False  # missing Inception weights: an error, not "not available"
+
+
+@dataclass
+class SampleConfig:
+    """The `sample@<model>` stage: samples from the default sampler and their quality."""
+    n_samples: int | None = None  # None: the dataset's default (digits 2000, mnist/cifar10 10000)
+    batch_size: int = 1000        # samples per sampler call
+    seed: int = 0
+    kid_subset_size: int = 1000   # KID: subset size (capped at the smaller set) and subsets
+    kid_subsets: int = 100
+    prc_neighborhood: int = 3     # precision/recall: k of the k-NN manifold estimate
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     # model name -> overrides of that model's own config class (checked at build time)
     models: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {name: {} for name in
@@ -67,7 +93,9 @@ class Config:
 
 
 _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every",
-             "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size"}
+             "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size",
+             "features.epochs", "features.width", "features.lr", "features.batch_size",
+             "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets", "sample.prc_neighborhood"}
 _NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema",
                  "evaluate.t_samples"}
 
@@ -136,6 +164,9 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key} must be > 0, got {value!r}")
         if key in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if cfg.sample.n_samples is not None and cfg.sample.n_samples < 2:
+        raise ConfigError(f"sample.n_samples must be >= 2 (or null for the dataset default), "
+                          f"got {cfg.sample.n_samples!r}")
     if cfg.train.ema >= 1:
         raise ConfigError(f"train.ema must be < 1, got {cfg.train.ema!r}")
     if not cfg.models:

@@ -44,6 +44,7 @@ class Spec:
     shape: tuple[int, int, int]
     levels: int
     files: dict[str, str]  # native file name -> published md5 (also pinned in data.dvc)
+    fid_samples: int       # default number of generated samples for FID/KID/PR
 
 
 MNIST_FILES = {
@@ -55,9 +56,9 @@ MNIST_FILES = {
 CIFAR10_FILES = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
 
 SPECS = {
-    "digits": Spec((1, 8, 8), 17, {}),
-    "mnist": Spec((1, 28, 28), 256, MNIST_FILES),
-    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES),
+    "digits": Spec((1, 8, 8), 17, {}, 2000),
+    "mnist": Spec((1, 28, 28), 256, MNIST_FILES, 10_000),
+    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES, 10_000),
 }
 SPLITS = ("train", "test")
 

@@ -6,9 +6,13 @@ from typing import Any
 import pandas as pd
 
 COMPARISON_COLUMNS = ["model", "family", "params", "images_seen", "train_flops", "train_seconds",
-                      "bpd", "bpd_se", "bpd_estimator", "fid", "samples_per_sec",
-                      "dataset", "seed", "device"]
+                      "bpd", "bpd_se", "bpd_estimator", "fid", "fid_extractor", "fid_inception",
+                      "sampler", "n_samples", "samples_per_sec", "dataset", "seed", "device"]
 NLL_COLUMNS = ["model", "estimator", "bpd", "bpd_se", "nats", "nats_se", "n_test"]
+SAMPLING_COLUMNS = ["model", "sampler", "extractor", "n_samples", "reference", "fid", "kid", "kid_std",
+                    "precision", "recall", "fid_torchmetrics", "fid_rel_diff", "status", "sample_seconds",
+                    "dataset", "device"]
+PRIMARY_EXTRACTOR = "classifier"  # the `fid` column of the comparison: works offline, on any size
 
 
 def nll_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
@@ -25,19 +29,38 @@ def nll_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
     return df[NLL_COLUMNS + terms]
 
 
-def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame) -> pd.DataFrame:
-    """One row per model; `bpd` is the tightest (lowest) bound the model reports."""
+def sampling_table(samples: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, sampler, extractor): FID, KID, precision/recall, and the FID
+    torchmetrics computes on the same features; unavailable extractors say why in `status`."""
+    rows = []
+    for rec in samples:
+        for m in rec["metrics"]:
+            rows.append({"model": rec["model"], "sampler": rec["sampler"], "n_samples": rec["n_samples"],
+                         "reference": rec["reference"], "sample_seconds": rec["sample_seconds"],
+                         "dataset": rec["dataset"], "device": rec["device"], **m})
+    return pd.DataFrame(rows).reindex(columns=SAMPLING_COLUMNS)
+
+
+def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: pd.DataFrame) -> pd.DataFrame:
+    """One row per model; `bpd` is the tightest (lowest) bound the model reports, `fid` the
+    domain-classifier FID of its default sampler, `fid_inception` the Inception-v3 FID or
+    the reason it is not available."""
     best = nll.loc[nll.groupby("model", sort=False)["bpd"].idxmin()].set_index("model")
+    by = sampling.set_index(["model", "extractor"])
     rows = []
     for tr in trains:
         m = tr["model"]
+        prim, inc = by.loc[(m, PRIMARY_EXTRACTOR)], by.loc[(m, "inception-v3-compat")]
         rows.append({
             "model": m, "family": tr["family"], "params": tr["params"],
             "images_seen": tr["images_seen"], "train_flops": tr["train_flops"],
             "train_seconds": tr["train_seconds"],
             "bpd": best.at[m, "bpd"], "bpd_se": best.at[m, "bpd_se"],
             "bpd_estimator": best.at[m, "estimator"],
-            "fid": float("nan"), "samples_per_sec": float("nan"),  # filled by the sampling stages
+            "fid": prim["fid"], "fid_extractor": PRIMARY_EXTRACTOR,
+            "fid_inception": f"{inc['fid']:.4f}" if inc["status"] == "ok" else inc["status"],
+            "sampler": prim["sampler"], "n_samples": prim["n_samples"],
+            "samples_per_sec": float("nan"),  # not measured by this pipeline yet
             "dataset": tr["dataset"], "seed": tr["seed"], "device": tr["device"],
         })
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
@@ -58,33 +81,56 @@ def provenance(trains: list[dict[str, Any]], budget: int) -> list[str]:
     ]
 
 
-def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, caption: list[str]) -> str:
+def _fmt(v: Any, spec: str) -> str:
+    return "" if pd.isna(v) else format(v, spec)
+
+
+def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame, caption: list[str]) -> str:
     fmt = comparison.drop(columns=["dataset", "seed", "device"]).copy()
     fmt["train_flops"] = fmt["train_flops"].map(lambda v: f"{v:.3g}")
     fmt["train_seconds"] = fmt["train_seconds"].map(lambda v: f"{v:.1f}")
     fmt["bpd"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(fmt.pop("bpd"), fmt.pop("bpd_se"))]
+    fmt["fid"] = fmt["fid"].map(lambda v: _fmt(v, ".4f"))
     fmt = fmt[["model", "family", "params", "images_seen", "train_flops", "train_seconds",
-               "bpd", "bpd_estimator", "fid", "samples_per_sec"]]
-    fmt = fmt.rename(columns={"bpd": "bits/dim ± SE", "bpd_estimator": "estimator"})
+               "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "n_samples", "samples_per_sec"]]
+    fmt = fmt.rename(columns={"bpd": "bits/dim ± SE", "bpd_estimator": "estimator",
+                              "fid": f"FID ({PRIMARY_EXTRACTOR})", "fid_inception": "FID (Inception-v3)"})
     nfmt = nll.copy()
     for c in [c for c in nfmt.columns if c.startswith("term_")] + ["nats", "nats_se"]:
-        nfmt[c] = nfmt[c].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+        nfmt[c] = nfmt[c].map(lambda v: _fmt(v, ".4f"))
     nfmt["bits/dim ± SE"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(nfmt["bpd"], nfmt["bpd_se"])]
     terms = [c for c in nfmt.columns if c.startswith("term_")]
     nfmt = nfmt[["model", "estimator", "bits/dim ± SE", "nats", "nats_se", "n_test"] + terms]
+    sfmt = sampling.copy()
+    sfmt["KID ± std"] = [_fmt(k, ".5f") + (f" ± {s:.5f}" if not pd.isna(s) else "")
+                         for k, s in zip(sfmt["kid"], sfmt["kid_std"])]
+    for c, spec in (("fid", ".4f"), ("fid_torchmetrics", ".4f"), ("fid_rel_diff", ".1e"),
+                    ("precision", ".3f"), ("recall", ".3f"), ("sample_seconds", ".1f")):
+        sfmt[c] = sfmt[c].map(lambda v, spec=spec: _fmt(v, spec))
+    sfmt = sfmt[["model", "sampler", "extractor", "n_samples", "fid", "KID ± std", "precision", "recall",
+                 "fid_torchmetrics", "fid_rel_diff", "sample_seconds", "status"]]
+    ref = sampling["reference"].iloc[0] if len(sampling) else ""
     lines = ["# Model comparison", ""] + [f"- {c}" for c in caption] + [
         "",
         "Bounds are upper bounds on -log P(x) of the discrete test images, in bits/dim "
         "(nats / (D ln 2)), mean ± standard error over test examples. "
+        f"Sample quality: FID, KID and precision/recall (torch-fidelity) of `n_samples` samples "
+        f"from each model's default sampler against the {ref}, in the features of the named "
+        "extractor; `classifier` is the pipeline's domain classifier (`results/features/features.json`), "
+        "so its FIDs are comparable with each other but not with published Inception FIDs. "
         "Empty cells (nan) are metrics not computed by this pipeline yet.",
         "",
         "## Summary (tightest bound per model)",
         "",
-        fmt.to_markdown(index=False),
+        fmt.to_markdown(index=False, disable_numparse=True),
         "",
         "## Likelihood bounds by estimator (terms in bits/dim)",
         "",
-        nfmt.to_markdown(index=False),
+        nfmt.to_markdown(index=False, disable_numparse=True),
+        "",
+        "## Sample quality by extractor (fid_torchmetrics: the same FID by torchmetrics)",
+        "",
+        sfmt.to_markdown(index=False, disable_numparse=True),
         "",
     ]
     return "\n".join(lines)

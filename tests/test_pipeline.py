@@ -17,6 +17,8 @@ TINY = {
     "data": {"name": "digits"},
     "train": {"images": 256, "batch_size": 64, "seed": 0, "device": "cpu"},
     "evaluate": {"iwae_k": 4},
+    "features": {"epochs": 2, "width": 8, "inception_weights": None, "require_inception": False},
+    "sample": {"n_samples": 64, "batch_size": 32, "kid_subset_size": 32, "prc_neighborhood": 3},
     "models": {"baseline": {}, "vae": {"width": 8}},
 }
 
@@ -41,6 +43,13 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys, params, argv,
     code, err = run_cli(tmp_path, monkeypatch, capsys, params, *argv)
     assert code == 2
     assert message in err
+
+
+def test_required_inception_without_weights_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    params = {**TINY, "features": {"require_inception": True, "inception_weights": str(tmp_path / "none.pth")}}
+    for argv in (["features"], ["sample", "vae"]):
+        code, err = run_cli(tmp_path, monkeypatch, capsys, params, *argv)
+        assert code == 2 and f"Inception-v3 not available: no weights at {tmp_path / 'none.pth'}" in err
 
 
 def test_model_not_listed_in_params(tmp_path, monkeypatch, capsys):
@@ -80,7 +89,17 @@ def test_dvc_repro_end_to_end(tmp_path):
     nll = pd.read_csv(results / "nll.csv")
     assert list(comp.index) == ["baseline", "vae"]
     assert comp.loc["vae", "images_seen"] == 256 and comp.loc["vae", "family"] == "vae"
-    assert comp.loc["vae", "train_flops"] > 0 and comp["fid"].isna().all()
+    assert comp.loc["vae", "train_flops"] > 0 and (comp["fid"] > 0).all()
+    assert (comp["fid_extractor"] == "classifier").all() and (comp["n_samples"] == 64).all()
+    assert comp["fid_inception"].str.startswith("not available: no weights at").all()
+    sampling = pd.read_csv(results / "sampling.csv")
+    assert set(zip(sampling["model"], sampling["extractor"])) == {
+        (m, e) for m in ("baseline", "vae") for e in ("classifier", "inception-v3-compat")}
+    ok = sampling[sampling["status"] == "ok"]
+    assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()
+    assert ok[["kid", "precision", "recall"]].notna().all().all()
+    for grid in ("real", "baseline", "vae"):
+        assert (results / "samples" / f"{grid}.png").stat().st_size > 0
     assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-4"}
     assert (nll["bpd"] > 0).all() and (nll["bpd_se"] > 0).all()
     md = (results / "comparison.md").read_text()
@@ -97,3 +116,4 @@ def test_dvc_repro_end_to_end(tmp_path):
     status = sh("dvc", "status")
     assert "train@vae" in status and "evaluate@vae" in status
     assert "train@baseline" not in status and "evaluate@baseline" not in status
+    assert "sample@vae" in status and "sample@baseline" not in status and "features" not in status

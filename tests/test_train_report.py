@@ -75,20 +75,30 @@ def _records():
         evals.append({"model": m, "bounds": {
             k: {"bpd": v, "bpd_se": 0.01, "nats": v * 64 * math.log(2), "nats_se": 0.1, "n_examples": 297,
                 "terms_bpd": {"t": v}} for k, v in b.items()}})
-    return trains, evals
+    samples = [{"model": m, "sampler": "ancestral", "n_samples": 50, "reference": "train split (9 images)",
+                "sample_seconds": 1.0, "dataset": "digits", "device": "cpu", "metrics": [
+                    {"extractor": "classifier", "status": "ok", "fid": fid, "kid": 0.1, "kid_std": 0.01,
+                     "precision": 0.5, "recall": 0.6, "fid_torchmetrics": fid, "fid_rel_diff": 0.0},
+                    {"extractor": "inception-v3-compat", "status": "not available: no weights at w.pth"}]}
+               for m, fid in (("baseline", 9.0), ("vae", 3.25))]
+    return trains, evals, samples
 
 
 def test_tables_pick_the_tightest_bound_and_carry_provenance():
-    trains, evals = _records()
+    trains, evals, samples = _records()
     nll = report.nll_table(evals)
     assert list(nll["estimator"]) == ["exact", "ELBO", "IWAE-10"]
-    comp = report.comparison_table(trains, nll)
+    sampling = report.sampling_table(samples)
+    assert len(sampling) == 4 and sampling["fid"].isna().sum() == 2
+    comp = report.comparison_table(trains, nll, sampling)
     row = comp.set_index("model").loc["vae"]
     assert row["bpd"] == 1.9 and row["bpd_estimator"] == "IWAE-10"
-    assert pd.isna(row["fid"])  # not computed yet: empty, never invented
-    md = report.markdown(comp, nll, report.provenance(trains, 100))
+    assert row["fid"] == 3.25 and row["fid_extractor"] == "classifier"
+    assert row["fid_inception"] == "not available: no weights at w.pth"
+    assert pd.isna(row["samples_per_sec"])  # not measured: empty, never invented
+    md = report.markdown(comp, nll, sampling, report.provenance(trains, 100))
     assert "dataset: digits" in md and "budget: 100 training images" in md and "versions: torch x" in md
-    assert "1.9000 ± 0.0100" in md
+    assert "1.9000 ± 0.0100" in md and "3.2500" in md and "not available: no weights at w.pth" in md
 
 
 def test_ema_weights_are_the_exponential_average_of_the_trajectory():

@@ -68,6 +68,10 @@ class Model(nn.Module):
         """n integer images [n,C,H,W] in {0..L-1}."""
         raise NotImplementedError
 
+    def sampler_label(self, **sampler: Any) -> str:
+        """What `sample(**sampler)` does, for the tables (e.g. 'ancestral, 1000 steps')."""
+        return "ancestral"
+
     def _check_x(self, x: torch.Tensor) -> None:
         if x.dtype.is_floating_point or tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"{self.name}: expected integer images [B, {self.shape}], "

@@ -54,6 +54,9 @@ class PixelCategorical(Model):
         return [("exact", {})]
 
     @torch.no_grad()
+    def sampler_label(self, **sampler: Any) -> str:
+        return "independent pixels"
+
     def sample(self, n, generator=None, **sampler: Any):
         self._reject(sampler, "baseline")
         probs = self.log_probs.exp()  # [D, L]

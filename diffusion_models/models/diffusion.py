@@ -220,6 +220,9 @@ class GaussianDiffusion(Model):
 
     # -------------------------------------------------------------- sampling
 
+    def sampler_label(self, **sampler: Any) -> str:
+        return f"ancestral, {self.cfg.T} steps"
+
     @torch.no_grad()
     def sample(self, n, generator=None, **sampler: Any):
         """Ancestral sampling x_T -> x_0 (Ho et al. Alg. 2); the last step returns the mean, binned."""

@@ -146,6 +146,9 @@ class VDM(Model):
     def estimators(self, ecfg):
         return [(f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
 
+    def sampler_label(self, steps: int | None = None, **sampler: Any) -> str:
+        return f"ancestral, {1000 if steps is None else steps} steps"
+
     @torch.no_grad()
     def sample(self, n, generator=None, steps: int | None = None, **sampler: Any):
         """Ancestral sampling with p(z_s|z_t) = q(z_s|z_t, x=x_hat) on a uniform grid of `steps`."""
