@@ -3,6 +3,8 @@
     make bench                                   # saves JSON under results/benchmarks/
     .venv/bin/pytest-benchmark compare --storage results/benchmarks 0001 0002
 """
+import time
+
 import pytest
 import torch
 
@@ -47,3 +49,51 @@ def test_bound(benchmark, name):
     x = torch.randint(0, LEVELS, (64, *SHAPE))
     benchmark.extra_info.update(estimator=label, examples_per_call=64)
     benchmark(lambda: m.nll_bound(x, **kwargs))
+
+
+SAMPLE_BATCH = 256
+SOLVER_MODELS = [n for n in models.names() if "ddim" in models.get(n).samplers]
+
+
+def _eval_model(name):
+    m = _model(name).eval()
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.mark.parametrize("name", SOLVER_MODELS)
+def test_network_evaluation(benchmark, name):
+    """One network evaluation as the samplers make it (prediction of x0 and eps at one time)."""
+    m = _eval_model(name)
+    x = torch.randn(SAMPLE_BATCH, *SHAPE)
+    t = m.solver_times(10, "trailing")[3]
+    benchmark.extra_info["samples_per_call"] = SAMPLE_BATCH
+    with torch.no_grad():
+        benchmark(lambda: m.predict(x, t))
+
+
+@pytest.mark.parametrize("name, sampler", [(n, s) for n in models.names() for s in models.get(n).samplers
+                                           if s != "ancestral" or n not in SOLVER_MODELS])
+def test_sampler_step(benchmark, name, sampler):
+    """One step of each sampler (diffusion: a 1-step solve; VAE/HVAE/baseline: their whole sampler)."""
+    m = _eval_model(name)
+    kw = {"sampler": sampler, "steps": 1} if sampler != "ancestral" else {}
+    benchmark.extra_info.update(samples_per_call=SAMPLE_BATCH, nfe=m.nfe(**kw))
+    benchmark(lambda: m.sample(SAMPLE_BATCH, **kw))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+@pytest.mark.parametrize("name", SOLVER_MODELS)
+def test_sampler_overhead(benchmark, name, sampler):
+    """A 20-step solve at batch 256; extra_info['overhead'] = (time outside the U-Net) / (time
+    inside it), both from the same runs (forward hooks time the U-Net calls)."""
+    m = _eval_model(name)
+    m.sample(SAMPLE_BATCH, sampler=sampler, steps=20)  # warm-up, before the timing hooks
+    inside, start = [0.0], [0.0]
+    m.net.register_forward_pre_hook(lambda *a: start.__setitem__(0, time.perf_counter()))
+    m.net.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] + time.perf_counter() - start[0]))
+    benchmark.pedantic(lambda: m.sample(SAMPLE_BATCH, sampler=sampler, steps=20), rounds=20, iterations=1)
+    if benchmark.stats is not None:  # None when run with --benchmark-disable
+        total = benchmark.stats.stats.total
+        benchmark.extra_info.update(samples_per_call=SAMPLE_BATCH, nfe=20, network_seconds=inside[0],
+                                    sampler_seconds=total, overhead=(total - inside[0]) / inside[0])

@@ -211,50 +211,74 @@ def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
     return record
 
 
-def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    """Draw n_samples from the model's default sampler; FID/KID/PR per extractor; a grid."""
-    import time
+def sampler_points(cfg: Config, model: models.Model) -> list[dict[str, Any]]:
+    """The model's default sampler (ancestral), then the grid's solver settings it supports
+    (kwargs for `Model.sample`)."""
+    from .samplers import SOLVERS
 
+    unknown = sorted(set(cfg.sample.grid) - set(SOLVERS))
+    if unknown:
+        raise StageError(f"sample.grid: unknown sampler '{unknown[0]}'; grid samplers: {', '.join(SOLVERS)} "
+                         "(every model's default sampler is always included)")
+    points: list[dict[str, Any]] = [{}]
+    for sampler, steps in cfg.sample.grid.items():
+        if sampler in model.samplers:
+            opts = {"spacing": cfg.sample.spacing, **({"eta": cfg.sample.eta} if sampler == "ddim" else {})}
+            points += [{"sampler": sampler, "steps": k, **opts} for k in steps]
+    return points
+
+
+def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    """For the default sampler and each grid point: draw n_samples (timing the batches), then
+    FID/KID/PR per extractor; a grid image of the default sampler's samples."""
     from . import quality
+    from .evaluate import draw_samples
 
     weights = {e: _extractor_weights(cfg, e) for e in quality.EXTRACTORS}  # fail before sampling
     dev = _setup_torch(cfg, device)
     model = _load_model(cfg, name, dev)
+    points = sampler_points(cfg, model)
     train_ds, ref_name = _reference(cfg)
+    reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
     s = cfg.sample
     n = s.n_samples or data.spec(cfg.data.name).fid_samples
-    gen = torch.Generator(device=dev).manual_seed(s.seed)
-    start = time.perf_counter()
-    images = torch.cat([model.sample(min(s.batch_size, n - i), generator=gen) for i in range(0, n, s.batch_size)])
-    seconds = time.perf_counter() - start
-    quality.sample_grid(images, model.levels, GRIDS / f"{name}.png")
-    samples = quality.ImageSet(images, model.levels)
-    reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
-    rows = []
-    for extractor, (path, status) in weights.items():
-        row: dict[str, Any] = {"extractor": extractor, "status": status}
-        if path is not None:
-            row.update(quality.fidelity_metrics(
-                samples, reference, extractor=extractor, weights=path, cache_root=REFERENCE_CACHE,
-                cache_name=ref_name, device=dev, kid_subset_size=s.kid_subset_size,
-                kid_subsets=s.kid_subsets, prc_neighborhood=s.prc_neighborhood, seed=s.seed))
-            row["fid_torchmetrics"] = quality.torchmetrics_fid(samples, reference, extractor=extractor,
-                                                               weights=path, device=dev)
-            row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
-            print(f"{name} [{extractor}] FID {row['fid']:.4f} (torchmetrics {row['fid_torchmetrics']:.4f}), "
-                  f"KID {row['kid']:.5f} ± {row['kid_std']:.5f}, precision {row['precision']:.3f}, "
-                  f"recall {row['recall']:.3f}")
-        else:
-            print(f"{name} [{extractor}] {status}")
-        rows.append(row)
-    record = {"model": name, "dataset": train_ds.name, "sampler": model.sampler_label(), "n_samples": n,
-              "reference": f"train split ({len(train_ds)} images)", "sample_seconds": seconds,
-              "sample_batch_size": s.batch_size, "metrics": rows, "device": device_label(dev),
-              "sample_config": dataclasses.asdict(s), "versions": versions()}
+    results = []
+    for i, kw in enumerate(points):
+        gen = torch.Generator(device=dev).manual_seed(s.seed)
+        images, speed = draw_samples(model, n, s.batch_size, gen, **kw)
+        if i == 0:
+            quality.sample_grid(images, model.levels, GRIDS / f"{name}.png")
+        samples = quality.ImageSet(images, model.levels)
+        rows = []
+        for extractor, (path, status) in weights.items():
+            row: dict[str, Any] = {"extractor": extractor, "status": status}
+            if path is not None:
+                row.update(quality.fidelity_metrics(
+                    samples, reference, extractor=extractor, weights=path, cache_root=REFERENCE_CACHE,
+                    cache_name=ref_name, device=dev, kid_subset_size=s.kid_subset_size,
+                    kid_subsets=s.kid_subsets, prc_neighborhood=s.prc_neighborhood, seed=s.seed))
+                row["fid_torchmetrics"] = quality.torchmetrics_fid(samples, reference, extractor=extractor,
+                                                                   weights=path, device=dev)
+                row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
+            rows.append(row)
+        point = {"sampler": kw.get("sampler", "ancestral"), "steps": kw.get("steps"),
+                 "label": model.sampler_label(**kw), "default": i == 0, **speed, "metrics": rows}
+        results.append(point)
+        main_row = rows[0]
+        print(f"{name} [{point['label']}] NFE {speed['nfe']}, {speed['samples_per_sec']:.1f} samples/s "
+              f"(batch {s.batch_size}); " + (f"FID {main_row['fid']:.4f} (torchmetrics "
+              f"{main_row['fid_torchmetrics']:.4f}) KID {main_row['kid']:.5f} ± {main_row['kid_std']:.5f} "
+              f"P {main_row['precision']:.3f} R {main_row['recall']:.3f} [{main_row['extractor']}]"
+              if main_row["status"] == "ok" else main_row["status"]))
+    record = {"model": name, "dataset": train_ds.name, "n_samples": n,
+              "reference": f"train split ({len(train_ds)} images)", "points": results,
+              "device": device_label(dev), "sample_config": dataclasses.asdict(s), "versions": versions()}
     write_json(SAMPLE_RECORDS / f"{name}.json", record)
+    default = results[0]
     write_json(METRICS / f"{name}.sample.json", {
-        k: {r["extractor"]: r[k] for r in rows if r["status"] == "ok"}
-        for k in ("fid", "kid", "precision", "recall")})
+        "samples_per_sec": default["samples_per_sec"], "nfe": default["nfe"],
+        **{k: {r["extractor"]: r[k] for r in default["metrics"] if r["status"] == "ok"}
+           for k in ("fid", "kid", "precision", "recall")}})
     return record
 
 
@@ -274,6 +298,12 @@ def compare(cfg: Config) -> None:
     write_text(RESULTS / "comparison.csv", comp.to_csv(index=False))
     write_text(RESULTS / "nll.csv", nll.to_csv(index=False))
     write_text(RESULTS / "sampling.csv", sampling.to_csv(index=False))
+    points = report.fid_vs_nfe(sampling)
+    write_text(RESULTS / "fid_vs_nfe.csv", points.to_csv(index=False))
+    n = int(sampling["n_samples"].iloc[0])
+    report.plot_fid_vs_nfe(points, str(RESULTS / "fid_vs_nfe.png"),
+                           f"{cfg.data.name}: FID ({report.PRIMARY_EXTRACTOR}, {n:,} samples) against NFE; "
+                           f"budget {cfg.train.images:,} images, seed {cfg.train.seed}")
     text = report.markdown(comp, nll, sampling, caption)
     write_text(RESULTS / "comparison.md", text)
     print(text)

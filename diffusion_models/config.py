@@ -71,8 +71,15 @@ class FeaturesConfig:
 class SampleConfig:
     """The `sample@<model>` stage: samples from the default sampler and their quality."""
     n_samples: int | None = None  # None: the dataset's default (digits 2000, mnist/cifar10 10000)
-    batch_size: int = 1000        # samples per sampler call
+    batch_size: int = 256         # samples per sampler call; also the batch of the speed figures
+                                  # (first full batch = warm-up, median over the other full ones)
     seed: int = 0
+    # sampler grid beyond each model's default sampler: sampler -> step counts; a model is run
+    # at the entries it supports (diffusion models: ddim, dpm++2m)
+    grid: dict[str, list[int]] = field(default_factory=lambda: {"ddim": [10, 20, 50, 100],
+                                                                "dpm++2m": [10, 20, 50, 100]})
+    eta: float = 0.0              # DDIM eta (0: deterministic DDIM, 1: DDPM-like noise)
+    spacing: str = "trailing"     # timestep spacing of ddim / dpm++2m: trailing | leading
     kid_subset_size: int = 1000   # KID: subset size (capped at the smaller set) and subsets
     kid_subsets: int = 100
     prc_neighborhood: int = 3     # precision/recall: k of the k-NN manifold estimate
@@ -97,7 +104,7 @@ _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every",
              "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets", "sample.prc_neighborhood"}
 _NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema",
-                 "evaluate.t_samples"}
+                 "evaluate.t_samples", "sample.eta"}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -167,6 +174,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.sample.n_samples is not None and cfg.sample.n_samples < 2:
         raise ConfigError(f"sample.n_samples must be >= 2 (or null for the dataset default), "
                           f"got {cfg.sample.n_samples!r}")
+    for sampler, steps in cfg.sample.grid.items():
+        if not steps or any(k < 1 for k in steps):
+            raise ConfigError(f"sample.grid.{sampler}: expected a non-empty list of step counts >= 1, got {steps!r}")
     if cfg.train.ema >= 1:
         raise ConfigError(f"train.ema must be < 1, got {cfg.train.ema!r}")
     if not cfg.models:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Any
 
@@ -48,3 +49,28 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig) -> dict
             "seconds": time.perf_counter() - start,
         }
     return out
+
+
+def draw_samples(model: Model, n: int, batch_size: int, generator: torch.Generator | None = None,
+                 **sampler: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """n samples in calls of `batch_size`, and the sampling speed at that batch size: the
+    first full batch is the warm-up, the figures are the median over the other full batches
+    (NaN when there are fewer than two full batches)."""
+    images, full = [], []
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        sync()
+        t0 = time.perf_counter()
+        images.append(model.sample(b, generator=generator, **sampler))
+        sync()
+        if b == batch_size:
+            full.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    timed = full[1:]
+    med = statistics.median(timed) if timed else math.nan
+    speed = {"nfe": model.nfe(**sampler), "speed_batch": batch_size, "speed_repeats": len(timed),
+             "sec_per_batch": med, "samples_per_sec": batch_size / med, "sec_per_sample": med / batch_size,
+             "sample_seconds": total}
+    return torch.cat(images), speed

@@ -7,11 +7,12 @@ import pandas as pd
 
 COMPARISON_COLUMNS = ["model", "family", "params", "images_seen", "train_flops", "train_seconds",
                       "bpd", "bpd_se", "bpd_estimator", "fid", "fid_extractor", "fid_inception",
-                      "sampler", "n_samples", "samples_per_sec", "dataset", "seed", "device"]
+                      "sampler", "n_samples", "nfe", "samples_per_sec", "dataset", "seed", "device"]
 NLL_COLUMNS = ["model", "estimator", "bpd", "bpd_se", "nats", "nats_se", "n_test"]
-SAMPLING_COLUMNS = ["model", "sampler", "extractor", "n_samples", "reference", "fid", "kid", "kid_std",
-                    "precision", "recall", "fid_torchmetrics", "fid_rel_diff", "status", "sample_seconds",
-                    "dataset", "device"]
+SAMPLING_COLUMNS = ["model", "sampler", "steps", "nfe", "samples_per_sec", "sec_per_sample", "speed_batch",
+                    "fid", "kid", "kid_std", "precision", "recall", "extractor", "n_samples", "reference",
+                    "fid_torchmetrics", "fid_rel_diff", "status", "default", "sampler_name", "speed_repeats",
+                    "sample_seconds", "dataset", "device"]
 PRIMARY_EXTRACTOR = "classifier"  # the `fid` column of the comparison: works offline, on any size
 
 
@@ -30,15 +31,52 @@ def nll_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def sampling_table(samples: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (model, sampler, extractor): FID, KID, precision/recall, and the FID
-    torchmetrics computes on the same features; unavailable extractors say why in `status`."""
+    """One row per (model, sampler setting, extractor): NFE, speed, FID, KID, precision/recall,
+    and the FID torchmetrics computes on the same features; an unavailable extractor says why
+    in `status`. `sampler` is the full setting's label, `sampler_name` the sampler alone."""
     rows = []
     for rec in samples:
-        for m in rec["metrics"]:
-            rows.append({"model": rec["model"], "sampler": rec["sampler"], "n_samples": rec["n_samples"],
-                         "reference": rec["reference"], "sample_seconds": rec["sample_seconds"],
-                         "dataset": rec["dataset"], "device": rec["device"], **m})
+        for p in rec["points"]:
+            for m in p["metrics"]:
+                rows.append({"model": rec["model"], "sampler": p["label"], "sampler_name": p["sampler"],
+                             "steps": p["steps"] if p["steps"] is not None else p["nfe"], "nfe": p["nfe"],
+                             "default": p["default"], "n_samples": rec["n_samples"],
+                             "reference": rec["reference"], "dataset": rec["dataset"], "device": rec["device"],
+                             **{k: p[k] for k in ("samples_per_sec", "sec_per_sample", "speed_batch",
+                                                  "speed_repeats", "sample_seconds")}, **m})
     return pd.DataFrame(rows).reindex(columns=SAMPLING_COLUMNS)
+
+
+def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
+    """The FID-against-NFE points of one extractor (the data of the plot)."""
+    ok = sampling[(sampling["extractor"] == extractor) & (sampling["status"] == "ok")]
+    return ok[["model", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
+
+
+def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
+    """FID against NFE (log x), one line per (model, sampler)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .runtime import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (model, sampler), g in points.groupby(["model", "sampler_name"], sort=False):
+        g = g.sort_values("nfe")
+        ax.plot(g["nfe"], g["fid"], marker="o" if len(g) > 1 else "s", label=f"{model} ({sampler})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel(f"FID ({PRIMARY_EXTRACTOR} features)")
+    ax.set_title(caption, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: pd.DataFrame) -> pd.DataFrame:
@@ -46,7 +84,7 @@ def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: 
     domain-classifier FID of its default sampler, `fid_inception` the Inception-v3 FID or
     the reason it is not available."""
     best = nll.loc[nll.groupby("model", sort=False)["bpd"].idxmin()].set_index("model")
-    by = sampling.set_index(["model", "extractor"])
+    by = sampling[sampling["default"].astype(bool)].set_index(["model", "extractor"])
     rows = []
     for tr in trains:
         m = tr["model"]
@@ -59,8 +97,8 @@ def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: 
             "bpd_estimator": best.at[m, "estimator"],
             "fid": prim["fid"], "fid_extractor": PRIMARY_EXTRACTOR,
             "fid_inception": f"{inc['fid']:.4f}" if inc["status"] == "ok" else inc["status"],
-            "sampler": prim["sampler"], "n_samples": prim["n_samples"],
-            "samples_per_sec": float("nan"),  # not measured by this pipeline yet
+            "sampler": prim["sampler"], "n_samples": prim["n_samples"], "nfe": prim["nfe"],
+            "samples_per_sec": prim["samples_per_sec"],
             "dataset": tr["dataset"], "seed": tr["seed"], "device": tr["device"],
         })
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
@@ -91,8 +129,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame
     fmt["train_seconds"] = fmt["train_seconds"].map(lambda v: f"{v:.1f}")
     fmt["bpd"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(fmt.pop("bpd"), fmt.pop("bpd_se"))]
     fmt["fid"] = fmt["fid"].map(lambda v: _fmt(v, ".4f"))
+    fmt["samples_per_sec"] = fmt["samples_per_sec"].map(lambda v: _fmt(v, ".1f"))
     fmt = fmt[["model", "family", "params", "images_seen", "train_flops", "train_seconds",
-               "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "n_samples", "samples_per_sec"]]
+               "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "nfe", "samples_per_sec"]]
     fmt = fmt.rename(columns={"bpd": "bits/dim ± SE", "bpd_estimator": "estimator",
                               "fid": f"FID ({PRIMARY_EXTRACTOR})", "fid_inception": "FID (Inception-v3)"})
     nfmt = nll.copy()
@@ -105,20 +144,25 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame
     sfmt["KID ± std"] = [_fmt(k, ".5f") + (f" ± {s:.5f}" if not pd.isna(s) else "")
                          for k, s in zip(sfmt["kid"], sfmt["kid_std"])]
     for c, spec in (("fid", ".4f"), ("fid_torchmetrics", ".4f"), ("fid_rel_diff", ".1e"),
-                    ("precision", ".3f"), ("recall", ".3f"), ("sample_seconds", ".1f")):
+                    ("precision", ".3f"), ("recall", ".3f"), ("samples_per_sec", ".1f")):
         sfmt[c] = sfmt[c].map(lambda v, spec=spec: _fmt(v, spec))
-    sfmt = sfmt[["model", "sampler", "extractor", "n_samples", "fid", "KID ± std", "precision", "recall",
-                 "fid_torchmetrics", "fid_rel_diff", "sample_seconds", "status"]]
+    sfmt = sfmt[sfmt["status"] == "ok"]
+    sfmt = sfmt[["model", "sampler", "nfe", "samples_per_sec", "extractor", "fid", "KID ± std", "precision",
+                 "recall", "fid_torchmetrics", "fid_rel_diff"]]
+    missing = sorted({f"{e}: {st}" for e, st in zip(sampling["extractor"], sampling["status"]) if st != "ok"})
     ref = sampling["reference"].iloc[0] if len(sampling) else ""
+    n = sampling["n_samples"].iloc[0] if len(sampling) else ""
+    batch = sampling["speed_batch"].iloc[0] if len(sampling) else ""
     lines = ["# Model comparison", ""] + [f"- {c}" for c in caption] + [
         "",
         "Bounds are upper bounds on -log P(x) of the discrete test images, in bits/dim "
         "(nats / (D ln 2)), mean ± standard error over test examples. "
-        f"Sample quality: FID, KID and precision/recall (torch-fidelity) of `n_samples` samples "
-        f"from each model's default sampler against the {ref}, in the features of the named "
+        f"Sample quality: FID, KID and precision/recall (torch-fidelity) of {n} samples "
+        f"per sampler setting against the {ref}, in the features of the named "
         "extractor; `classifier` is the pipeline's domain classifier (`results/features/features.json`), "
         "so its FIDs are comparable with each other but not with published Inception FIDs. "
-        "Empty cells (nan) are metrics not computed by this pipeline yet.",
+        f"Speed: samples/s at batch {batch} after a warm-up batch, median over the other full batches "
+        "(device above); NFE = network evaluations per sample.",
         "",
         "## Summary (tightest bound per model)",
         "",
@@ -128,9 +172,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame
         "",
         nfmt.to_markdown(index=False, disable_numparse=True),
         "",
-        "## Sample quality by extractor (fid_torchmetrics: the same FID by torchmetrics)",
+        "## Samplers: quality against network evaluations (fid_torchmetrics: the same FID by torchmetrics)",
         "",
         sfmt.to_markdown(index=False, disable_numparse=True),
         "",
-    ]
+    ] + [f"Not computed: {m}" for m in missing] + ([""] if missing else [])
     return "\n".join(lines)

@@ -18,8 +18,9 @@ TINY = {
     "train": {"images": 256, "batch_size": 64, "seed": 0, "device": "cpu"},
     "evaluate": {"iwae_k": 4},
     "features": {"epochs": 2, "width": 8, "inception_weights": None, "require_inception": False},
-    "sample": {"n_samples": 64, "batch_size": 32, "kid_subset_size": 32, "prc_neighborhood": 3},
-    "models": {"baseline": {}, "vae": {"width": 8}},
+    "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
+               "grid": {"ddim": [2], "dpm++2m": [2]}},
+    "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
 
 
@@ -87,20 +88,25 @@ def test_dvc_repro_end_to_end(tmp_path):
     results = tmp_path / "results"
     comp = pd.read_csv(results / "comparison.csv").set_index("model")
     nll = pd.read_csv(results / "nll.csv")
-    assert list(comp.index) == ["baseline", "vae"]
+    assert list(comp.index) == ["baseline", "vae", "ddpm"]
     assert comp.loc["vae", "images_seen"] == 256 and comp.loc["vae", "family"] == "vae"
     assert comp.loc["vae", "train_flops"] > 0 and (comp["fid"] > 0).all()
     assert (comp["fid_extractor"] == "classifier").all() and (comp["n_samples"] == 64).all()
     assert comp["fid_inception"].str.startswith("not available: no weights at").all()
     sampling = pd.read_csv(results / "sampling.csv")
     assert set(zip(sampling["model"], sampling["extractor"])) == {
-        (m, e) for m in ("baseline", "vae") for e in ("classifier", "inception-v3-compat")}
+        (m, e) for m in ("baseline", "vae", "ddpm") for e in ("classifier", "inception-v3-compat")}
+    ddpm = sampling[(sampling["model"] == "ddpm") & (sampling["extractor"] == "classifier")].set_index("sampler_name")
+    assert ddpm.loc["ancestral", "nfe"] == 40 and ddpm.loc["ddim", "nfe"] == 2 and ddpm.loc["dpm++2m", "nfe"] == 2
+    assert ddpm.loc["ddim", "samples_per_sec"] > 3 * ddpm.loc["ancestral", "samples_per_sec"]  # 20x fewer NFE
+    assert (results / "fid_vs_nfe.png").stat().st_size > 0
+    assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 5  # 3 defaults + 2 ddpm grid points
     ok = sampling[sampling["status"] == "ok"]
     assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()
     assert ok[["kid", "precision", "recall"]].notna().all().all()
-    for grid in ("real", "baseline", "vae"):
+    for grid in ("real", "baseline", "vae", "ddpm"):
         assert (results / "samples" / f"{grid}.png").stat().st_size > 0
-    assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-4"}
+    assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-4", "VLB (T=40, exact sum)"}
     assert (nll["bpd"] > 0).all() and (nll["bpd_se"] > 0).all()
     md = (results / "comparison.md").read_text()
     assert "dataset: digits" in md and "budget: 256 training images" in md and "versions:" in md
@@ -111,7 +117,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     # nothing changed: everything is up to date
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
     # one model's override changes: only that model's stages (and compare) are stale
-    params = {**TINY, "models": {"baseline": {}, "vae": {"width": 8, "latent_dim": 4}}}
+    params = {**TINY, "models": {**TINY["models"], "vae": {"width": 8, "latent_dim": 4}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = sh("dvc", "status")
     assert "train@vae" in status and "evaluate@vae" in status

@@ -75,11 +75,17 @@ def _records():
         evals.append({"model": m, "bounds": {
             k: {"bpd": v, "bpd_se": 0.01, "nats": v * 64 * math.log(2), "nats_se": 0.1, "n_examples": 297,
                 "terms_bpd": {"t": v}} for k, v in b.items()}})
-    samples = [{"model": m, "sampler": "ancestral", "n_samples": 50, "reference": "train split (9 images)",
-                "sample_seconds": 1.0, "dataset": "digits", "device": "cpu", "metrics": [
+    def point(sampler, steps, nfe, fid, default):
+        return {"sampler": sampler, "steps": steps, "label": f"{sampler}, {nfe} steps", "default": default,
+                "nfe": nfe, "speed_batch": 8, "speed_repeats": 3, "sec_per_batch": 0.5, "samples_per_sec": 16.0,
+                "sec_per_sample": 1 / 16, "sample_seconds": 2.0, "metrics": [
                     {"extractor": "classifier", "status": "ok", "fid": fid, "kid": 0.1, "kid_std": 0.01,
                      "precision": 0.5, "recall": 0.6, "fid_torchmetrics": fid, "fid_rel_diff": 0.0},
                     {"extractor": "inception-v3-compat", "status": "not available: no weights at w.pth"}]}
+
+    samples = [{"model": m, "n_samples": 50, "reference": "train split (9 images)", "dataset": "digits",
+                "device": "cpu", "points": [point("ancestral", None, 1, fid, True)]
+                + ([point("ddim", 10, 10, 7.5, False)] if m == "vae" else [])}
                for m, fid in (("baseline", 9.0), ("vae", 3.25))]
     return trains, evals, samples
 
@@ -89,13 +95,14 @@ def test_tables_pick_the_tightest_bound_and_carry_provenance():
     nll = report.nll_table(evals)
     assert list(nll["estimator"]) == ["exact", "ELBO", "IWAE-10"]
     sampling = report.sampling_table(samples)
-    assert len(sampling) == 4 and sampling["fid"].isna().sum() == 2
+    assert len(sampling) == 6 and sampling["fid"].isna().sum() == 3
+    assert list(report.fid_vs_nfe(sampling)["fid"]) == [9.0, 3.25, 7.5]
     comp = report.comparison_table(trains, nll, sampling)
     row = comp.set_index("model").loc["vae"]
     assert row["bpd"] == 1.9 and row["bpd_estimator"] == "IWAE-10"
     assert row["fid"] == 3.25 and row["fid_extractor"] == "classifier"
     assert row["fid_inception"] == "not available: no weights at w.pth"
-    assert pd.isna(row["samples_per_sec"])  # not measured: empty, never invented
+    assert row["samples_per_sec"] == 16.0 and row["nfe"] == 1  # the default sampler's row
     md = report.markdown(comp, nll, sampling, report.provenance(trains, 100))
     assert "dataset: digits" in md and "budget: 100 training images" in md and "versions: torch x" in md
     assert "1.9000 ± 0.0100" in md and "3.2500" in md and "not available: no weights at w.pth" in md

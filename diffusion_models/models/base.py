@@ -17,6 +17,7 @@ class Model(nn.Module):
 
     family: ClassVar[str] = ""
     Config: ClassVar[type]
+    samplers: ClassVar[tuple[str, ...]] = ("ancestral",)  # what `sample(sampler=...)` accepts
 
     def __init__(self, shape: tuple[int, int, int], levels: int, cfg: Any):
         super().__init__()
@@ -64,13 +65,28 @@ class Model(nn.Module):
         """The bounds this model reports under eval config `ecfg`: (label, kwargs for nll_terms)."""
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None, **sampler: Any) -> torch.Tensor:
-        """n integer images [n,C,H,W] in {0..L-1}."""
+    def sample(self, n: int, generator: torch.Generator | None = None, sampler: str = "ancestral",
+               steps: int | None = None, **options: Any) -> torch.Tensor:
+        """n integer images [n,C,H,W] in {0..L-1}, drawn with `sampler` (one of `samplers`)
+        in `steps` network evaluations where the sampler has steps (None: its default)."""
         raise NotImplementedError
 
-    def sampler_label(self, **sampler: Any) -> str:
-        """What `sample(**sampler)` does, for the tables (e.g. 'ancestral, 1000 steps')."""
-        return "ancestral"
+    def nfe(self, sampler: str = "ancestral", steps: int | None = None, **options: Any) -> int:
+        """Network evaluations per sample (per batch call) of `sample(sampler=, steps=)`."""
+        raise NotImplementedError
+
+    def sampler_label(self, sampler: str = "ancestral", steps: int | None = None, **options: Any) -> str:
+        """What `sample(sampler=..., ...)` does, for the tables (e.g. 'ddim, eta=0, trailing')."""
+        return sampler
+
+    def check_sampler(self, sampler: str, steps: int | None, options: dict[str, Any]) -> None:
+        """Clear errors for a sampler, steps or option this model cannot honour."""
+        name = self.name or type(self).__name__
+        if sampler not in self.samplers:
+            raise ValueError(f"{name} cannot honour sampler '{sampler}'; it supports: {', '.join(self.samplers)}")
+        if self.samplers == ("ancestral",) and steps is not None:
+            raise ValueError(f"{name}: sampler 'ancestral' takes no steps (got steps={steps})")
+        self._reject(options, name)
 
     def _check_x(self, x: torch.Tensor) -> None:
         if x.dtype.is_floating_point or tuple(x.shape[1:]) != self.shape:
@@ -78,6 +94,6 @@ class Model(nn.Module):
                              f"got {x.dtype} {tuple(x.shape)}")
 
     @staticmethod
-    def _reject(estimator: dict[str, Any], name: str) -> None:
-        if estimator:
-            raise ValueError(f"{name} does not support estimator option(s) {sorted(estimator)}")
+    def _reject(options: dict[str, Any], name: str) -> None:
+        if options:
+            raise ValueError(f"{name} does not support option(s) {sorted(options)}")

@@ -54,11 +54,14 @@ class PixelCategorical(Model):
         return [("exact", {})]
 
     @torch.no_grad()
-    def sampler_label(self, **sampler: Any) -> str:
+    def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "independent pixels"
 
-    def sample(self, n, generator=None, **sampler: Any):
-        self._reject(sampler, "baseline")
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+        return 0  # no network: one categorical draw per pixel
+
+    def sample(self, n, generator=None, sampler="ancestral", steps=None, **options: Any):
+        self.check_sampler(sampler, steps, options)
         probs = self.log_probs.exp()  # [D, L]
         idx = torch.multinomial(probs, n, replacement=True, generator=generator)  # [D, n]
         return idx.T.reshape(n, *self.shape)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import likelihood as lk
+from .. import samplers as smp
 from ..nets import UNet, fourier_features
 from . import register
 from .base import Model
@@ -40,6 +41,7 @@ class GaussianDiffusion(Model):
 
     family = "diffusion"
     target: ClassVar[str] = "eps"  # what the network predicts: eps | x0 | score
+    samplers = ("ancestral", *smp.SOLVERS)
 
     @dataclass
     class Config:
@@ -220,15 +222,57 @@ class GaussianDiffusion(Model):
 
     # -------------------------------------------------------------- sampling
 
-    def sampler_label(self, **sampler: Any) -> str:
-        return f"ancestral, {self.cfg.T} steps"
+    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", **options: Any) -> str:
+        return smp.label(sampler, self.nfe(sampler, steps), eta, spacing)
+
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+        return self.cfg.T if steps is None else int(steps)
+
+    # the solvers' view of the model (samplers.SolverView)
+    def solver_times(self, steps: int, spacing: str) -> torch.Tensor:
+        """`steps` integer times from high to low noise, then 0 (the data end, alpha_bar = 1)."""
+        T = self.cfg.T
+        if spacing == "trailing":  # T, ..., T/steps (includes t = T; Lin et al. 2024)
+            ts = torch.round(T - torch.arange(steps, dtype=torch.float64) * T / steps).long()
+        elif spacing == "leading":  # (steps-1) T//steps + 1, ..., 1 (DDIM's original spacing)
+            ts = torch.arange(steps - 1, -1, -1) * (T // steps) + 1
+        else:
+            raise ValueError(f"unknown timestep spacing '{spacing}'; available: {', '.join(smp.SPACINGS)}")
+        return torch.cat([ts, torch.zeros(1, dtype=torch.long)]).to(self.device)
+
+    def alpha_sigma(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ab = self.alpha_bar.double()[times]
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) at integer time t (0-dim or [B]); eps_hat is re-derived from the
+        (clipped) x0_hat."""
+        t = t.expand(len(x))
+        out = self.denoise(x, t)[:, : self.shape[0]]
+        x0 = self.x0_from_output(out, x, t)
+        if self.cfg.clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        ab = self._bcast(self.alpha_bar, t)
+        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     @torch.no_grad()
-    def sample(self, n, generator=None, **sampler: Any):
-        """Ancestral sampling x_T -> x_0 (Ho et al. Alg. 2); the last step returns the mean, binned."""
-        self._reject(sampler, self.name or type(self).__name__)
+    def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
+               **options: Any):
+        """ancestral: Ho et al. Alg. 2 over all T steps (the last returns the mean, binned);
+        ddim / dpm++2m: `steps` network evaluations on the `spacing` grid (samplers.py)."""
+        self.check_sampler(sampler, steps, options)
+        name, T = self.name or type(self).__name__, self.cfg.T
         x = torch.randn(n, *self.shape, generator=generator, device=self.device)
-        for step in range(self.cfg.T, 0, -1):
+        if sampler != "ancestral":
+            steps = T if steps is None else int(steps)
+            if not 1 <= steps <= T:
+                raise ValueError(f"{name}: steps must be in 1..{T}, got {steps}")
+            return lk.from_unit(smp.solve(self, x, sampler, steps, eta=eta, spacing=spacing,
+                                          generator=generator), self.levels)
+        if steps not in (None, T):
+            raise ValueError(f"{name}: ancestral sampling runs all T={T} steps (got steps={steps}); "
+                             "for fewer use 'ddim' (eta=1 is DDPM-like)")
+        for step in range(T, 0, -1):
             t = torch.full((n,), step, dtype=torch.long, device=x.device)
             mean, logvar = self.mean_logvar(self.denoise(x, t), x, t)
             if step > 1:

@@ -164,7 +164,10 @@ class HVAE(LatentVariableModel):
         return lw
 
     @torch.no_grad()
-    def sample(self, n, generator=None, **sampler: Any):
-        self._reject(sampler, "hvae")
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+        return len(self.layers)  # one top-down layer per stochastic level, then the decoder head
+
+    def sample(self, n, generator=None, sampler="ancestral", steps=None, **options: Any):
+        self.check_sampler(sampler, steps, options)
         (mean, log_scale), _ = self.top_down(None, n, generator)
         return lk.sample_discretized_logistic(mean, log_scale, self.levels, generator)

@@ -65,8 +65,11 @@ class VAE(LatentVariableModel):
                 + (lk.normal_log_prob(z, zero, zero) - lk.normal_log_prob(z, mu, log_var)).sum(1))
 
     @torch.no_grad()
-    def sample(self, n, generator=None, **sampler: Any):
-        self._reject(sampler, "vae")
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+        return 1  # one decoder pass
+
+    def sample(self, n, generator=None, sampler="ancestral", steps=None, **options: Any):
+        self.check_sampler(sampler, steps, options)
         z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=self.device)
         mean, log_scale = self.decode(z)
         return lk.sample_discretized_logistic(mean, log_scale, self.levels, generator)

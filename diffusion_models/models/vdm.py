@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import likelihood as lk
+from .. import samplers as smp
 from ..nets import UNet
 from . import register
 from .base import Model
@@ -57,6 +58,8 @@ class NoiseSchedule(nn.Module):
 @register("vdm")
 class VDM(Model):
     """Kingma, Salimans, Poole & Ho 2021, "Variational Diffusion Models" (continuous-time VLB)."""
+
+    samplers = ("ancestral", *smp.SOLVERS)
 
     family = "diffusion"
 
@@ -146,16 +149,48 @@ class VDM(Model):
     def estimators(self, ecfg):
         return [(f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
 
-    def sampler_label(self, steps: int | None = None, **sampler: Any) -> str:
-        return f"ancestral, {1000 if steps is None else steps} steps"
+    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", **options: Any) -> str:
+        return smp.label(sampler, self.nfe(sampler, steps), eta, spacing)
+
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+        return 1000 if steps is None else int(steps)
+
+    # the solvers' view of the model (samplers.SolverView), in continuous time
+    def solver_times(self, steps: int, spacing: str) -> torch.Tensor:
+        """Uniform grid 1, 1 - 1/steps, ..., 0 (t = 0: gamma_min, where the decoder takes over)."""
+        if spacing != "trailing":
+            raise ValueError(f"vdm: timestep spacing '{spacing}' is a discrete-time spacing; vdm uses a "
+                             "uniform grid in t from t = 1 ('trailing')")
+        return torch.linspace(1.0, 0.0, steps + 1, device=self.device)
+
+    def alpha_sigma(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.gamma(times).double()
+        return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+
+    def predict(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) at time t (0-dim: gamma evaluated once, or [B])."""
+        g = self.gamma(t.reshape(-1)).expand(len(z))
+        eps = self.eps_hat(z, g)
+        g = g.view(-1, 1, 1, 1)
+        return (z - torch.sqrt(torch.sigmoid(g)) * eps) / torch.sqrt(torch.sigmoid(-g)), eps
+
+    def _decode(self, z0: torch.Tensor, generator) -> torch.Tensor:
+        probs = self._decoder_logits(z0).exp().reshape(-1, self.levels)  # [n*D, L]
+        return torch.multinomial(probs, 1, generator=generator).view(len(z0), *self.shape)
 
     @torch.no_grad()
-    def sample(self, n, generator=None, steps: int | None = None, **sampler: Any):
-        """Ancestral sampling with p(z_s|z_t) = q(z_s|z_t, x=x_hat) on a uniform grid of `steps`."""
-        self._reject(sampler, "vdm")
+    def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
+               **options: Any):
+        """ancestral: p(z_s|z_t) = q(z_s|z_t, x=x_hat) on a uniform grid of `steps`; ddim /
+        dpm++2m: samplers.py on the same grid; then the discrete decoder p(x|z_0)."""
+        self.check_sampler(sampler, steps, options)
         steps = 1000 if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"vdm: steps must be >= 1, got {steps}")
+        if sampler != "ancestral":
+            z = torch.randn(n, *self.shape, generator=generator, device=self.device)
+            return self._decode(smp.solve(self, z, sampler, steps, eta=eta, spacing=spacing,
+                                          generator=generator), generator)
         dev = self.device
         grid = self.gamma(torch.linspace(0.0, 1.0, steps + 1, device=dev))  # gamma at t_i = i/steps
         z = torch.randn(n, *self.shape, generator=generator, device=dev)  # z_1
@@ -166,5 +201,4 @@ class VDM(Model):
             mean = torch.sqrt(torch.sigmoid(-g_s) / torch.sigmoid(-g_t)) * (z - c * torch.sqrt(torch.sigmoid(g_t)) * eps)
             noise = torch.randn(z.shape, generator=generator, device=dev)
             z = mean + torch.sqrt(torch.sigmoid(g_s) * c) * noise  # z_s
-        probs = self._decoder_logits(z).exp().reshape(-1, self.levels)  # [n*D, L]
-        return torch.multinomial(probs, 1, generator=generator).view(n, *self.shape)
+        return self._decode(z, generator)

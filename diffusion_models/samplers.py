@@ -1,0 +1,77 @@
+"""Deterministic-grid samplers shared by every diffusion model: DDIM and DPM-Solver++(2M).
+
+They see a model only through its `SolverView` (DESIGN.md: one interface, many families):
+    solver_times(steps, spacing) -> [steps + 1] decreasing times; the last is the data end
+    alpha_sigma(times)    -> alpha [K], sigma [K]   (x_t = alpha_t x_0 + sigma_t eps)
+    predict(x, time)      -> (x0_hat, eps_hat)      one network evaluation at one (0-dim) time
+The result is the continuous state at the last time; the model turns it into integers.
+
+DDIM: Song, Meng & Ermon 2021 (eq. 12, eta interpolates DDIM (0) and DDPM-like (1) noise).
+DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++", Alg. 2 (multistep, data prediction), with
+a first-order final step (as diffusers does for few steps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+
+SOLVERS = ("ddim", "dpm++2m")
+SPACINGS = ("trailing", "leading")
+
+
+class SolverView(Protocol):
+    def solver_times(self, steps: int, spacing: str) -> torch.Tensor: ...
+    def alpha_sigma(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def predict(self, x: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # time: 0-dim
+
+
+def label(sampler: str, steps: int, eta: float = 0.0, spacing: str = "trailing") -> str:
+    """Table label of a sampler setting, e.g. 'ddim, 50 steps, eta=0, trailing spacing'."""
+    if sampler == "ddim":
+        return f"ddim, {steps} steps, eta={eta:g}, {spacing} spacing"
+    if sampler in SOLVERS:
+        return f"{sampler}, {steps} steps, {spacing} spacing"
+    return f"{sampler}, {steps} steps"
+
+
+def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: float = 0.0,
+          spacing: str = "trailing", generator: torch.Generator | None = None,
+          on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Integrate from x at the first time to the data end in `steps` network evaluations."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}'; available: {', '.join(SOLVERS)}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing '{spacing}'; available: {', '.join(SPACINGS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if solver == "dpm++2m" and eta != 0:
+        raise ValueError("dpm++2m is deterministic: eta must be 0")
+    times = view.solver_times(steps, spacing)
+    alpha, sigma = (v.double().tolist() for v in view.alpha_sigma(times))  # python floats: no per-step syncs
+    x0_prev, h_prev = None, 0.0
+    for i in range(steps):
+        x0, eps = view.predict(x, times[i])
+        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        if solver == "ddim":
+            # sigma_eta^2 = eta^2 (s_s^2 / s_t^2) (1 - a_t^2 s_s^2 / (a_s^2 s_t^2))
+            var = eta**2 * (s_s / s_t) ** 2 * (1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2)
+            x = a_s * x0 + math.sqrt(max(s_s**2 - var, 0.0)) * eps
+            if var > 0:
+                x = x + math.sqrt(var) * torch.randn(x.shape, generator=generator, device=x.device)
+        else:
+            if s_s == 0:  # lambda_s = +inf: the update is the data prediction itself
+                x = x0
+            else:
+                h = math.log(a_s / s_s) - math.log(a_t / s_t)  # lambda_s - lambda_t > 0
+                d = x0
+                if x0_prev is not None and i < steps - 1:  # second order; the last step first order
+                    r = h_prev / h
+                    d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+                x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
+                h_prev = h
+            x0_prev = x0
+        if on_step is not None:
+            on_step()
+    return x
