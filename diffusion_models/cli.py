@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,19 @@ TRAIN_RECORDS = Path("results/train")
 EVAL_RECORDS = Path("results/eval")
 METRICS = Path("results/metrics")  # compact numeric summaries: what `dvc metrics show` lists
 LIVE = Path("results/live")
+RESUME = Path("results/resume")              # mid-training states (git- and DVC-ignored)
 FEATURES = Path("results/features")          # domain classifier + torch-fidelity reference cache
 REFERENCE_CACHE = FEATURES / "reference"
 SAMPLE_RECORDS = Path("results/sample")
 GRIDS = Path("results/samples")
 RESULTS = Path("results")
+
+
+_STAGE_START = time.perf_counter()  # reset by main(): a stage's wall time, without the imports
+
+
+def _stage_seconds() -> float:
+    return time.perf_counter() - _STAGE_START
 
 
 class StageError(RuntimeError):
@@ -75,6 +84,14 @@ def prepare(cfg: Config) -> None:
                                         "config": dataclasses.asdict(d)})
 
 
+def _truncate_live(live_dir: Path, step: int) -> None:
+    """Keep only DVCLive points logged at or before `step` (its TSVs: step, value)."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= step]
+        write_text(tsv, "\n".join(keep) + "\n")
+
+
 def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     from dvclive import Live
 
@@ -91,7 +108,13 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)
     resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
                 "model": dataclasses.asdict(model.cfg)}
-    with Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+    from .train import Resume
+
+    resume = Resume(RESUME / f"{name}.pt", cfg.train.checkpoint_every)
+    resuming = resume.path.is_file()
+    if resuming:  # the curve continues; drop points logged after the saved state
+        _truncate_live(LIVE / name, torch.load(resume.path, weights_only=True)["step"])
+    with Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=resuming) as live:
         live.log_params({"model": name, **resolved})
 
         def log(step: int, seen: int, loss: float) -> None:
@@ -100,7 +123,8 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
             live.log_metric("train/images_seen", seen, plot=False)
             live.next_step()
 
-        result = fit(model, _to_tensor(train_ds, dev), cfg.train, log=log, progress=sys.stderr.isatty())
+        result = fit(model, _to_tensor(train_ds, dev), cfg.train, log=log, progress=sys.stderr.isatty(),
+                     resume=resume)
     record = {
         "model": name, "family": model.family, "params": model.num_params(),
         **result.as_dict(),
@@ -110,6 +134,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
         "device": device_label(dev), "versions": versions(), "config": resolved,
     }
     models.save(model, CHECKPOINTS / f"{name}.pt", resolved=resolved, train=result.as_dict())
+    record["stage_seconds"] = _stage_seconds()
     write_json(TRAIN_RECORDS / f"{name}.json", record)
     write_json(METRICS / f"{name}.train.json",
                {k: record[k] for k in ("params", "images_seen", "train_flops", "train_seconds",
@@ -140,6 +165,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     record = {"model": name, "family": model.family, "dataset": test_ds.name,
               "n_test": len(test_ds), "bounds": bounds, "device": device_label(dev),
               "eval_config": dataclasses.asdict(cfg.evaluate), "versions": versions()}
+    record["stage_seconds"] = _stage_seconds()
     write_json(EVAL_RECORDS / f"{name}.json", record)
     write_json(METRICS / f"{name}.json", {
         "bpd": {label: b["bpd"] for label, b in bounds.items()},
@@ -204,6 +230,7 @@ def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
                              "n_test": len(test_ds), "seconds": res.seconds, "features": res.model.num_features,
                              "config": dataclasses.asdict(f)},
               "extractors": extractors, "device": device_label(dev), "versions": versions()}
+    record["stage_seconds"] = _stage_seconds()
     write_json(FEATURES / "features.json", record)
     write_json(METRICS / "features.json", {"classifier_test_accuracy": res.test_accuracy})
     print(f"domain classifier: test accuracy {res.test_accuracy:.4f} on {len(test_ds)} images "
@@ -273,6 +300,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     record = {"model": name, "dataset": train_ds.name, "n_samples": n,
               "reference": f"train split ({len(train_ds)} images)", "points": results,
               "device": device_label(dev), "sample_config": dataclasses.asdict(s), "versions": versions()}
+    record["stage_seconds"] = _stage_seconds()
     write_json(SAMPLE_RECORDS / f"{name}.json", record)
     default = results[0]
     write_json(METRICS / f"{name}.sample.json", {
@@ -298,13 +326,16 @@ def compare(cfg: Config) -> None:
     write_text(RESULTS / "comparison.csv", comp.to_csv(index=False))
     write_text(RESULTS / "nll.csv", nll.to_csv(index=False))
     write_text(RESULTS / "sampling.csv", sampling.to_csv(index=False))
+    features = read_json(FEATURES / "features.json")
+    timings = report.stage_times(trains, evals, samples, features)
+    write_text(RESULTS / "timings.csv", timings.to_csv(index=False))
     points = report.fid_vs_nfe(sampling)
     write_text(RESULTS / "fid_vs_nfe.csv", points.to_csv(index=False))
     n = int(sampling["n_samples"].iloc[0])
     report.plot_fid_vs_nfe(points, str(RESULTS / "fid_vs_nfe.png"),
                            f"{cfg.data.name}: FID ({report.PRIMARY_EXTRACTOR}, {n:,} samples) against NFE; "
                            f"budget {cfg.train.images:,} images, seed {cfg.train.seed}")
-    text = report.markdown(comp, nll, sampling, caption)
+    text = report.markdown(comp, nll, sampling, caption, timings)
     write_text(RESULTS / "comparison.md", text)
     print(text)
 
@@ -342,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fetch", help="download and verify a real dataset pinned in data.dvc")
     f.add_argument("dataset")
     args = p.parse_args(argv)
+    global _STAGE_START
+    _STAGE_START = time.perf_counter()
     try:
         cfg = config_mod.load_params(args.params)
         for name, overrides in cfg.models.items():  # unknown models / override keys: fail early

@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
     log_every: int = 50           # steps between DVCLive points
+    checkpoint_every: int = 200   # steps between saved resume states (results/resume/<model>.pt)
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Config:
     )
 
 
-_POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every",
+_POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", "train.checkpoint_every",
              "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size",
              "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets", "sample.prc_neighborhood"}

@@ -47,6 +47,17 @@ def sampling_table(samples: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=SAMPLING_COLUMNS)
 
 
+def stage_times(trains: list[dict[str, Any]], evals: list[dict[str, Any]], samples: list[dict[str, Any]],
+                features: dict[str, Any]) -> pd.DataFrame:
+    """Wall-clock seconds of each pipeline stage run (from the records each stage writes),
+    without the Python/torch start-up of each process."""
+    rows = [{"stage": "features", "seconds": features.get("stage_seconds", float("nan"))}]
+    for kind, recs in (("train", trains), ("evaluate", evals), ("sample", samples)):
+        rows += [{"stage": f"{kind}@{r['model']}", "seconds": r.get("stage_seconds", float("nan"))} for r in recs]
+    df = pd.DataFrame(rows)
+    return pd.concat([df, pd.DataFrame([{"stage": "total", "seconds": df["seconds"].sum()}])], ignore_index=True)
+
+
 def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
     """The FID-against-NFE points of one extractor (the data of the plot)."""
     ok = sampling[(sampling["extractor"] == extractor) & (sampling["status"] == "ok")]
@@ -62,10 +73,17 @@ def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
 
     from .runtime import atomic_path
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for (model, sampler), g in points.groupby(["model", "sampler_name"], sort=False):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = dict(zip(points["model"].unique(), plt.get_cmap("tab10").colors))
+    styles = {"ancestral": dict(marker="s", linestyle="none"), "ddim": dict(marker="o", linestyle="-"),
+              "dpm++2m": dict(marker="^", linestyle="--")}
+    hidden = points[points["nfe"] <= 0]  # no network (the baseline): no place on a log axis
+    for (model, sampler), g in points[points["nfe"] > 0].groupby(["model", "sampler_name"], sort=False):
         g = g.sort_values("nfe")
-        ax.plot(g["nfe"], g["fid"], marker="o" if len(g) > 1 else "s", label=f"{model} ({sampler})")
+        ax.plot(g["nfe"], g["fid"], color=colours[model], label=f"{model} ({sampler})",
+                **styles.get(sampler, dict(marker="x", linestyle=":")))
+    if len(hidden):
+        caption += "\n" + "; ".join(f"{r.model}: NFE 0, FID {r.fid:.3g} (not shown)" for r in hidden.itertuples())
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample (NFE)")
@@ -123,13 +141,16 @@ def _fmt(v: Any, spec: str) -> str:
     return "" if pd.isna(v) else format(v, spec)
 
 
-def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame, caption: list[str]) -> str:
+def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame, caption: list[str],
+             timings: pd.DataFrame | None = None) -> str:
     fmt = comparison.drop(columns=["dataset", "seed", "device"]).copy()
     fmt["train_flops"] = fmt["train_flops"].map(lambda v: f"{v:.3g}")
     fmt["train_seconds"] = fmt["train_seconds"].map(lambda v: f"{v:.1f}")
     fmt["bpd"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(fmt.pop("bpd"), fmt.pop("bpd_se"))]
     fmt["fid"] = fmt["fid"].map(lambda v: _fmt(v, ".4f"))
     fmt["samples_per_sec"] = fmt["samples_per_sec"].map(lambda v: _fmt(v, ".1f"))
+    fmt["fid_inception"] = fmt["fid_inception"].map(  # the reason is listed below the tables
+        lambda v: "not available" if str(v).startswith("not available") else v)
     fmt = fmt[["model", "family", "params", "images_seen", "train_flops", "train_seconds",
                "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "nfe", "samples_per_sec"]]
     fmt = fmt.rename(columns={"bpd": "bits/dim ± SE", "bpd_estimator": "estimator",
@@ -177,4 +198,8 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame
         sfmt.to_markdown(index=False, disable_numparse=True),
         "",
     ] + [f"Not computed: {m}" for m in missing] + ([""] if missing else [])
+    if timings is not None:
+        t = timings.assign(seconds=timings["seconds"].map(lambda v: _fmt(v, ".1f")))
+        lines += ["## Stage wall-clock times (seconds, this run's device)", "",
+                  t.to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(lines)

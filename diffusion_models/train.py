@@ -1,9 +1,11 @@
 """Training under a budget counted in images seen (as NVlabs/edm counts kimg)."""
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -13,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .models.base import Model
+from .runtime import atomic_path
 
 
 class TrainingError(RuntimeError):
@@ -33,6 +36,34 @@ class TrainResult:
         return dict(self.__dict__)
 
 
+@dataclass
+class Resume:
+    """Where and how often to keep the state needed to resume this run after a crash or kill."""
+    path: Path
+    every: int  # steps between saved states
+
+
+def _run_key(model: Model, images: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
+    """What a resume state must match: the model, its config, the training config and the data."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("device", "threads", "log_every")}
+    digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
+    return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest}
+
+
+def _rng_states(gen: torch.Generator) -> dict[str, Any]:
+    out = {"gen": gen.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_states(gen: torch.Generator, states: dict[str, Any]) -> None:
+    gen.set_state(states["gen"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def batch_sizes(images: int, batch_size: int) -> list[int]:
     """Split the budget into batches so that exactly `images` images are seen."""
     full, rest = divmod(images, batch_size)
@@ -51,11 +82,16 @@ def measure_flops(model: Model, x: torch.Tensor) -> float:
 
 
 def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
-          log: Callable[[int, int, float], None] | None = None, progress: bool = True) -> TrainResult:
+          log: Callable[[int, int, float], None] | None = None, progress: bool = True,
+          resume: Resume | None = None) -> TrainResult:
     """Fit `model` on integer images [N,C,H,W] (already on the model's device).
 
     `log(step, images_seen, loss)` is called every `cfg.log_every` steps (DVCLive hook).
-    Models without trainable parameters are only fitted by `init_from_data`.
+    Models without trainable parameters are only fitted by `init_from_data`. With `resume`,
+    the full training state (weights, optimizer, EMA, data order, RNG states, counters) is
+    saved atomically every `resume.every` steps, and a run that finds a state of the same
+    model, config and data continues from it, ending bit-identical to an uninterrupted run.
+    The state file is removed when training completes.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -73,14 +109,29 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema > 0 else None)
-    model.train()
     perm, cursor = torch.randperm(n, generator=gen), 0
     window: list[float] = []
+    seen, done, elapsed, final_loss = 0, 0, 0.0, math.nan
+    saved = None  # step of the last resume state on disk
+    key = _run_key(model, images, cfg) if resume is not None else None
+    if resume is not None and resume.path.is_file():
+        state = torch.load(resume.path, map_location=images.device, weights_only=True)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            _set_rng_states(gen, state["rng"])
+            perm, cursor, window = state["perm"], state["cursor"], list(state["window"])
+            seen, done, elapsed, final_loss = state["seen"], state["step"], state["elapsed"], state["final_loss"]
+            saved = done
+            print(f"{model.name}: resuming from step {done} ({seen} images seen) of {len(sizes)}")
+    model.train()
     start = time.perf_counter()
-    bar = tqdm(total=cfg.images, unit="img", disable=not progress, desc=f"train {model.name}",
+    bar = tqdm(total=cfg.images, initial=seen, unit="img", disable=not progress, desc=f"train {model.name}",
                mininterval=2.0)
-    seen = 0
-    for step, bs in enumerate(sizes, 1):
+    for step in range(done + 1, len(sizes) + 1):
+        bs = sizes[step - 1]
         if cursor + bs > n:  # new epoch: reshuffle
             perm, cursor = torch.randperm(n, generator=gen), 0
         idx = perm[cursor: cursor + bs].to(images.device)
@@ -88,8 +139,10 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         loss = model.loss(images[idx])
         value = loss.item()  # the step's one host sync: NaN check and the logged mean
         if not math.isfinite(value):
+            kept = (f"the last good state (step {saved}) is kept in {resume.path}" if saved is not None
+                    else "no checkpoint written for this run")
             raise TrainingError(f"{model.name}: non-finite loss {value} at step {step} "
-                                f"({seen} images seen); no checkpoint written for this run")
+                                f"({seen} images seen); {kept}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -97,7 +150,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         opt.step()
         if ema is not None:
             ema.update_parameters(model)
-        seen += bs
+        seen, done = seen + bs, step
         window.append(value)
         bar.update(bs)
         if step % cfg.log_every == 0 or step == len(sizes):
@@ -106,10 +159,20 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
             if log is not None:
                 log(step, seen, mean_loss)
             final_loss, window = mean_loss, []
+        if resume is not None and step % resume.every == 0 and step < len(sizes):
+            state = {"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "rng": _rng_states(gen),
+                     "perm": perm, "cursor": cursor, "window": window, "seen": seen, "step": step,
+                     "elapsed": elapsed + time.perf_counter() - start, "final_loss": final_loss}
+            with atomic_path(resume.path) as tmp:
+                torch.save(state, tmp)
+            saved = step
     bar.close()
     if ema is not None:  # evaluate (and save) the averaged weights
         model.load_state_dict(ema.module.state_dict())
     model.eval()
-    seconds = time.perf_counter() - start
+    seconds = elapsed + time.perf_counter() - start
+    if resume is not None:
+        resume.path.unlink(missing_ok=True)
     return TrainResult(seen, len(sizes), seconds, seen / seconds, flops_per_image,
                        flops_per_image * seen, final_loss)

@@ -1,0 +1,105 @@
+"""Faults: a real SIGKILL mid-training then a resume that ends bit-identical; NaN keeps the
+last good state."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffusion_models import models
+from diffusion_models.config import TrainConfig
+from diffusion_models.train import Resume, TrainingError, train
+from test_train_report import _Linear
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {
+    "data": {"name": "digits"},
+    "train": {"images": 64 * 1000, "batch_size": 64, "seed": 3, "device": "cpu", "threads": 1,
+              "log_every": 10, "checkpoint_every": 25},
+    "models": {"vae": {"width": 8}},
+}
+
+
+def _cli(workdir: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "diffusion_models", *args], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _run(workdir: Path, *args: str) -> str:
+    p = _cli(workdir, *args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def _setup(workdir: Path) -> Path:
+    workdir.mkdir()
+    (workdir / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    _run(workdir, "prepare")
+    return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
+    ref = _setup(tmp_path / "uninterrupted")
+    _run(ref, "train", "vae")
+
+    work = _setup(tmp_path / "killed")
+    state = work / "results" / "resume" / "vae.pt"
+    p = _cli(work, "train", "vae")
+    deadline = time.time() + 300
+    while not state.is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it run past the saved state
+    assert p.poll() is None, "training finished before it could be killed: raise train.images"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert state.is_file() and not (work / "results" / "checkpoints" / "vae.pt").exists()
+
+    out = _run(work, "train", "vae")
+    assert "vae: resuming from step" in out
+    assert not state.exists()  # removed once training completed
+    a = torch.load(ref / "results" / "checkpoints" / "vae.pt", weights_only=True)
+    b = torch.load(work / "results" / "checkpoints" / "vae.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert a["train"]["final_loss"] == b["train"]["final_loss"]
+    # the learning curve has each step once, as in the uninterrupted run
+    curve = lambda d: (d / "results" / "live" / "vae" / "plots" / "metrics" / "train" / "loss.tsv").read_text()  # noqa: E731
+    assert curve(ref) == curve(work)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_state(tmp_path):
+    m = _Linear((1, 4, 4), 17, _Linear.Config(nan_at=8))  # the flop count makes call 1; NaN at step 8
+    m.name = "lin"
+    x = torch.randint(0, 17, (64, 1, 4, 4))
+    path = tmp_path / "lin.resume.pt"
+    with pytest.raises(TrainingError, match=rf"lin: non-finite loss nan at step 8 .*last good state \(step 6\) "
+                                            rf"is kept in {path}"):
+        train(m, x, TrainConfig(images=64 * 20, batch_size=8, log_every=1), progress=False,
+              resume=Resume(path, every=3))
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_resume_state_of_another_config_is_ignored(tmp_path):
+    x = torch.randint(0, 17, (64, 1, 8, 8))
+    path = tmp_path / "vae.resume.pt"
+
+    def fit(seed, images):
+        torch.manual_seed(0)
+        m = models.build("vae", shape=(1, 8, 8), levels=17, width=8)
+        return train(m, x, TrainConfig(images=images, batch_size=16, seed=seed), progress=False,
+                     resume=Resume(path, every=2)), m
+
+    torch.save({"key": {"model": "other"}}, path)  # a stale state from some other run
+    r, m = fit(1, 64)
+    assert r.steps == 4 and not path.exists()
