@@ -3,6 +3,7 @@
     make bench                                   # saves JSON under results/benchmarks/
     .venv/bin/pytest-benchmark compare --storage results/benchmarks 0001 0002
 """
+import statistics
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from diffusion_models import models
 from diffusion_models.config import EvalConfig, TrainConfig
+from diffusion_models.train import measure_flops
 
 SHAPE, LEVELS = (1, 8, 8), 17
 BATCH = TrainConfig().batch_size
@@ -26,20 +28,62 @@ def _model(name):
 TRAINABLE = [n for n in models.names() if any(p.requires_grad for p in _model(n).parameters())]
 
 
+def _median_seconds(fn, repeats=5):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="session")
+def peak():
+    """This machine's matmul peak (FLOP/s), fp32 and bf16, measured now: 2048^2 GEMMs."""
+    n = 2048
+    out = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out[label] = 2 * n**3 / _median_seconds(lambda: torch.mm(a, b))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matmul_peak(benchmark, dtype):
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    benchmark.extra_info["flops_per_call"] = 2 * n**3
+    benchmark(torch.mm, a, b)
+    if benchmark.stats is not None:
+        benchmark.extra_info["flops_per_sec"] = 2 * n**3 / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", TRAINABLE)
-def test_train_step(benchmark, name):
+def test_train_step(benchmark, peak, name, precision):
+    """One training step at the default batch; extra_info: measured FLOPs (forward+backward,
+    PyTorch's FLOP counter), achieved FLOP/s and its fraction of the fp32 matmul peak."""
     m = _model(name)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
     x = torch.randint(0, LEVELS, (BATCH, *SHAPE))
+    flops = measure_flops(m, x) * BATCH
 
     def step():
         opt.zero_grad(set_to_none=True)
-        m.loss(x).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = m.loss(x)
+        loss.backward()
         opt.step()
 
-    benchmark.extra_info["images_per_call"] = BATCH
+    benchmark.extra_info.update(images_per_call=BATCH, flops_per_call=flops, peak_fp32=peak["fp32"],
+                                peak_bf16=peak["bf16"])
     benchmark(step)
+    if benchmark.stats is not None:
+        achieved = flops / benchmark.stats.stats.median
+        benchmark.extra_info.update(flops_per_sec=achieved, fraction_of_fp32_peak=achieved / peak["fp32"],
+                                    fraction_of_bf16_peak=achieved / peak["bf16"])
 
 
 @pytest.mark.parametrize("name", models.names())
