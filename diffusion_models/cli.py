@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -92,6 +94,14 @@ def _truncate_live(live_dir: Path, step: int) -> None:
         write_text(tsv, "\n".join(keep) + "\n")
 
 
+def _init_distributed(dev: torch.device) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
 def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     from dvclive import Live
 
@@ -104,33 +114,40 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
         raise StageError(f"prepared data is '{train_ds.name}' but params say data.name="
                          f"'{cfg.data.name}': rerun the prepare stage")
     dev = _setup_torch(cfg, device)
+    rank, world = _init_distributed(dev)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     seed_everything(cfg.train.seed)
     model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)
     resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
                 "model": dataclasses.asdict(model.cfg)}
     from .train import Resume
 
-    resume = Resume(RESUME / f"{name}.pt", cfg.train.checkpoint_every)
-    resuming = resume.path.is_file()
+    resume = Resume(RESUME / f"{name}.pt", cfg.train.checkpoint_every) if world == 1 else None
+    resuming = resume is not None and resume.path.is_file()
     if resuming:  # the curve continues; drop points logged after the saved state
         _truncate_live(LIVE / name, torch.load(resume.path, weights_only=True)["step"])
-    with Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=resuming) as live:
-        live.log_params({"model": name, **resolved})
-
+    live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=resuming)
+                if rank == 0 else contextlib.nullcontext())
+    with live_ctx as live:
         def log(step: int, seen: int, loss: float) -> None:
             live.step = step
             live.log_metric("train/loss", loss)
             live.log_metric("train/images_seen", seen, plot=False)
             live.next_step()
 
-        result = fit(model, _to_tensor(train_ds, dev), cfg.train, log=log, progress=sys.stderr.isatty(),
-                     resume=resume)
+        if live is not None:
+            live.log_params({"model": name, **resolved})
+        result = fit(model, _to_tensor(train_ds, dev), cfg.train, log=log if live is not None else None,
+                     progress=sys.stderr.isatty() and rank == 0, resume=resume)
+    if rank != 0:  # rank 0 writes the outputs
+        return {}
     record = {
         "model": name, "family": model.family, "params": model.num_params(),
         **result.as_dict(),
         "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
         "n_train": meta["n_train"], "n_test": meta["n_test"],
-        "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+        "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "processes": world,
         "device": device_label(dev), "versions": versions(), "config": resolved,
     }
     models.save(model, CHECKPOINTS / f"{name}.pt", resolved=resolved, train=result.as_dict())
@@ -315,9 +332,10 @@ def compare(cfg: Config) -> None:
     trains = [read_json(TRAIN_RECORDS / f"{m}.json") for m in names]
     evals = [read_json(EVAL_RECORDS / f"{m}.json") for m in names]
     samples = [read_json(SAMPLE_RECORDS / f"{m}.json") for m in names]
+    matched = report.check_matched(trains, cfg.train.images, cfg.compare.allow_unmatched)
     nll = report.nll_table(evals)
     sampling = report.sampling_table(samples)
-    comp = report.comparison_table(trains, nll, sampling)
+    comp = report.comparison_table(trains, nll, sampling, matched)
     caption = report.provenance(trains, cfg.train.images)
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
     nll["dataset"], nll["seed"] = cfg.data.name, cfg.train.seed
@@ -335,6 +353,11 @@ def compare(cfg: Config) -> None:
     report.plot_fid_vs_nfe(points, str(RESULTS / "fid_vs_nfe.png"),
                            f"{cfg.data.name}: FID ({report.PRIMARY_EXTRACTOR}, {n:,} samples) against NFE; "
                            f"budget {cfg.train.images:,} images, seed {cfg.train.seed}")
+    n_fid = int(sampling["n_samples"].iloc[0])
+    write_text(RESULTS / "comparison.tex", report.latex(comp, (
+        f"{cfg.data.name}, {cfg.train.images:,} training images per model, seed {cfg.train.seed}: "
+        f"tightest bound on the test split (bits/dim $\\pm$ SE, estimator per row) and FID of {n_fid:,} "
+        f"samples of the default sampler ({report.PRIMARY_EXTRACTOR} features) against the training split.")))
     text = report.markdown(comp, nll, sampling, caption, timings)
     write_text(RESULTS / "comparison.md", text)
     print(text)
@@ -393,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             compare(cfg)
         elif args.cmd == "fetch":
             fetch(args.dataset, cfg.data.root)
-    except (ConfigError, data.DataError, StageError, QualityError, KeyError, FileNotFoundError,
-            ValueError) as e:
+    except (ConfigError, data.DataError, StageError, QualityError, report.UnmatchedError, KeyError,
+            FileNotFoundError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -87,12 +87,20 @@ class SampleConfig:
 
 
 @dataclass
+class CompareConfig:
+    """The `compare` stage."""
+    allow_unmatched: bool = False  # write tables for unmatched runs (budget or size), with a
+                                   # `matched` warning column, instead of refusing
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # model name -> overrides of that model's own config class (checked at build time)
     models: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {name: {} for name in

@@ -7,7 +7,7 @@ import pandas as pd
 
 COMPARISON_COLUMNS = ["model", "family", "params", "images_seen", "train_flops", "train_seconds",
                       "bpd", "bpd_se", "bpd_estimator", "fid", "fid_extractor", "fid_inception",
-                      "sampler", "n_samples", "nfe", "samples_per_sec", "dataset", "seed", "device"]
+                      "sampler", "n_samples", "nfe", "samples_per_sec", "matched", "dataset", "seed", "device"]
 NLL_COLUMNS = ["model", "estimator", "bpd", "bpd_se", "nats", "nats_se", "n_test"]
 SAMPLING_COLUMNS = ["model", "sampler", "steps", "nfe", "samples_per_sec", "sec_per_sample", "speed_batch",
                     "fid", "kid", "kid_std", "precision", "recall", "extractor", "n_samples", "reference",
@@ -73,7 +73,7 @@ def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
 
     from .runtime import atomic_path
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     colours = dict(zip(points["model"].unique(), plt.get_cmap("tab10").colors))
     styles = {"ancestral": dict(marker="s", linestyle="none"), "ddim": dict(marker="o", linestyle="-"),
               "dpm++2m": dict(marker="^", linestyle="--")}
@@ -90,14 +90,52 @@ def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
     ax.set_ylabel(f"FID ({PRIMARY_EXTRACTOR} features)")
     ax.set_title(caption, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
-def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: pd.DataFrame) -> pd.DataFrame:
+PARAM_TOLERANCE = 0.10  # parameter counts matched within +-10% of the trained models' median
+
+
+class UnmatchedError(ValueError):
+    """Runs that are not matched (budget or size) presented as a matched comparison."""
+
+
+def matching(trains: list[dict[str, Any]], budget: int) -> dict[str, str]:
+    """Per model: '' when matched, else why not. Closed-form models (no training) are exempt.
+    Trained models must have seen exactly `budget` images and have a parameter count within
+    +-10% of the trained models' median."""
+    trained = [t for t in trains if t["images_seen"] > 0 or t["train_flops"] > 0]
+    median = float(pd.Series([t["params"] for t in trained]).median()) if trained else 0.0
+    out = {}
+    for t in trains:
+        why = []
+        if t in trained:
+            if t["images_seen"] != budget:
+                why.append(f"saw {t['images_seen']:,} images, budget {budget:,}")
+            if abs(t["params"] - median) > PARAM_TOLERANCE * median:
+                why.append(f"{t['params']:,} params, outside ±10% of the median {median:,.0f}")
+        out[t["model"]] = "; ".join(why)
+    return out
+
+
+def check_matched(trains: list[dict[str, Any]], budget: int, allow_unmatched: bool) -> dict[str, str]:
+    """The per-model `matched` column; raises naming the offending models unless allowed."""
+    why = matching(trains, budget)
+    bad = {m: w for m, w in why.items() if w}
+    if bad and not allow_unmatched:
+        raise UnmatchedError("refusing to present these runs as matched: "
+                             + "; ".join(f"{m} ({w})" for m, w in bad.items())
+                             + " (set compare.allow_unmatched: true to write the tables with a warning column)")
+    trained = {t["model"] for t in trains if t["images_seen"] > 0 or t["train_flops"] > 0}
+    return {m: ("no: " + w if w else "yes" if m in trained else "closed form") for m, w in why.items()}
+
+
+def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: pd.DataFrame,
+                     matched: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per model; `bpd` is the tightest (lowest) bound the model reports, `fid` the
     domain-classifier FID of its default sampler, `fid_inception` the Inception-v3 FID or
     the reason it is not available."""
@@ -118,6 +156,7 @@ def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: 
             "sampler": prim["sampler"], "n_samples": prim["n_samples"], "nfe": prim["nfe"],
             "samples_per_sec": prim["samples_per_sec"],
             "dataset": tr["dataset"], "seed": tr["seed"], "device": tr["device"],
+            "matched": (matched or {}).get(m, ""),
         })
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
@@ -137,6 +176,23 @@ def provenance(trains: list[dict[str, Any]], budget: int) -> list[str]:
     ]
 
 
+def latex(comparison: pd.DataFrame, caption: str) -> str:
+    """A booktabs tabular (pandas' LaTeX writer) of the summary, one row per model."""
+    t = pd.DataFrame({
+        "Model": comparison["model"],
+        "Params": comparison["params"].map(lambda v: f"{v:,}"),
+        "Bits/dim": [f"{b:.3f} $\\pm$ {s:.3f}" for b, s in zip(comparison["bpd"], comparison["bpd_se"])],
+        "Bound": comparison["bpd_estimator"],
+        f"FID ({PRIMARY_EXTRACTOR})": comparison["fid"].map(lambda v: _fmt(v, ".2f")),
+        "NFE": comparison["nfe"],
+        "Samples/s": comparison["samples_per_sec"].map(lambda v: _fmt(v, ".1f")),
+    })
+    t = t.apply(lambda col: col.astype(str).str.replace("_", "\\_", regex=False).str.replace(
+        "%", "\\%", regex=False) if col.name in ("Model", "Bound") else col)
+    return t.to_latex(index=False, escape=False, caption=caption, label="tab:comparison",
+                      column_format="lrrlrrr")
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "" if pd.isna(v) else format(v, spec)
 
@@ -152,7 +208,7 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame
     fmt["fid_inception"] = fmt["fid_inception"].map(  # the reason is listed below the tables
         lambda v: "not available" if str(v).startswith("not available") else v)
     fmt = fmt[["model", "family", "params", "images_seen", "train_flops", "train_seconds",
-               "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "nfe", "samples_per_sec"]]
+               "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "nfe", "samples_per_sec", "matched"]]
     fmt = fmt.rename(columns={"bpd": "bits/dim ± SE", "bpd_estimator": "estimator",
                               "fid": f"FID ({PRIMARY_EXTRACTOR})", "fid_inception": "FID (Inception-v3)"})
     nfmt = nll.copy()

@@ -64,6 +64,32 @@ def _set_rng_states(gen: torch.Generator, states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class _Loss(torch.nn.Module):
+    """`model.loss` as a forward(), so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _global_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value
+
+
 def batch_sizes(images: int, batch_size: int) -> list[int]:
     """Split the budget into batches so that exactly `images` images are seen."""
     full, rest = divmod(images, batch_size)
@@ -93,8 +119,11 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     model, config and data continues from it, ending bit-identical to an uninterrupted run.
     The state file is removed when training completes.
     """
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rank, world = _distributed()
+    if world > 1 and resume is not None:
+        raise TrainingError("resuming is single-process only; run data-parallel training without it")
+    gen = torch.Generator().manual_seed(cfg.seed)  # the data order: the same on every rank
+    torch.manual_seed(cfg.seed + rank)             # model noise: a different stream per rank
     model.init_from_data(images)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:  # fitted in closed form: log its training loss once, as step 0
@@ -126,6 +155,9 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
             seen, done, elapsed, final_loss = state["seen"], state["step"], state["elapsed"], state["final_loss"]
             saved = done
             print(f"{model.name}: resuming from step {done} ({seen} images seen) of {len(sizes)}")
+    step_loss = model.loss
+    if world > 1:  # DDP averages the gradients of the ranks' shards of each global batch
+        step_loss = torch.nn.parallel.DistributedDataParallel(_Loss(model))
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=cfg.images, initial=seen, unit="img", disable=not progress, desc=f"train {model.name}",
@@ -136,8 +168,8 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
             perm, cursor = torch.randperm(n, generator=gen), 0
         idx = perm[cursor: cursor + bs].to(images.device)
         cursor += bs
-        loss = model.loss(images[idx])
-        value = loss.item()  # the step's one host sync: NaN check and the logged mean
+        loss = step_loss(images[idx.tensor_split(world)[rank]] if world > 1 else images[idx])
+        value = _global_mean(loss.detach(), world).item()  # one host sync: NaN check, logged mean
         if not math.isfinite(value):
             kept = (f"the last good state (step {saved}) is kept in {resume.path}" if saved is not None
                     else "no checkpoint written for this run")

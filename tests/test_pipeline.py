@@ -20,6 +20,7 @@ TINY = {
     "features": {"epochs": 2, "width": 8, "inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
                "grid": {"ddim": [2], "dpm++2m": [2]}},
+    "compare": {"allow_unmatched": True},  # tiny models of different sizes
     "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
 
@@ -100,6 +101,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ddpm.loc["ancestral", "nfe"] == 40 and ddpm.loc["ddim", "nfe"] == 2 and ddpm.loc["dpm++2m", "nfe"] == 2
     assert ddpm.loc["ddim", "samples_per_sec"] > 3 * ddpm.loc["ancestral", "samples_per_sec"]  # 20x fewer NFE
     assert (results / "fid_vs_nfe.png").stat().st_size > 0
+    assert comp.loc["baseline", "matched"] == "closed form"
+    assert comp.loc[["vae", "ddpm"], "matched"].str.contains("params, outside ±10%").any()
+    assert "\\begin{tabular}" in (results / "comparison.tex").read_text()
     assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 5  # 3 defaults + 2 ddpm grid points
     ok = sampling[sampling["status"] == "ok"]
     assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()

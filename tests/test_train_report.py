@@ -144,3 +144,38 @@ def test_evaluated_bpd_and_standard_error_match_an_independent_count_model():
     assert got["bpd"] == pytest.approx(bits.mean(), rel=1e-6)
     assert got["bpd_se"] == pytest.approx(stats.sem(bits), rel=1e-5)
     assert got["nats"] == pytest.approx(bits.mean() * 64 * math.log(2), rel=1e-6)
+
+
+def test_unmatched_runs_are_refused_naming_the_models_unless_allowed():
+    trains, _, _ = _records()
+    closed = dict(trains[0], images_seen=0, train_flops=0.0)  # fitted in closed form: exempt
+    big = dict(trains[1], model="big", params=12)              # median of 10, 12, 10, 100 is 11: +9%
+    short = dict(trains[1], model="short", images_seen=50)
+    huge = dict(trains[1], model="huge", params=100)
+    recs = [closed, trains[1], big, short, huge]
+    with pytest.raises(report.UnmatchedError) as e:
+        report.check_matched(recs, 100, allow_unmatched=False)
+    msg = str(e.value)
+    assert "short (saw 50 images, budget 100)" in msg and "huge (100 params, outside ±10% of the median 11)" in msg
+    assert "baseline" not in msg and "vae (" not in msg and "big (" not in msg
+    col = report.check_matched(recs, 100, allow_unmatched=True)
+    assert col["baseline"] == "closed form" and col["vae"] == "yes" and col["big"] == "yes"
+    assert col["short"].startswith("no: saw 50 images") and col["huge"].startswith("no: 100 params")
+    assert report.check_matched([closed, trains[1]], 100, allow_unmatched=False) == {
+        "baseline": "closed form", "vae": "yes"}
+
+
+def test_latex_table_is_a_booktabs_tabular_with_one_row_per_model():
+    trains, evals, samples = _records()
+    nll, sampling = report.nll_table(evals), report.sampling_table(samples)
+    comp = report.comparison_table(trains, nll, sampling, report.check_matched(trains, 100, False))
+    tex = report.latex(comp, "digits, 100 images: bits/dim and FID")
+    assert "\\begin{tabular}" in tex and "\\end{tabular}" in tex and "\\caption{digits, 100 images" in tex
+    body = tex[tex.index("\\midrule") + len("\\midrule"): tex.index("\\bottomrule")].strip().splitlines()
+    header = tex[tex.index("\\toprule") + len("\\toprule"): tex.index("\\midrule")].strip()
+    cols = header.count("&") + 1
+    assert len(body) == len(comp) == 2
+    for row, model in zip(body, comp["model"]):
+        cells = [c.strip() for c in row.rstrip("\\").rstrip().rstrip("\\").split("&")]
+        assert len(cells) == cols and cells[0] == model
+    assert "1.900 $\\pm$ 0.010" in body[1] and "IWAE-10" in body[1]
