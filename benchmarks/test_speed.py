@@ -141,3 +141,30 @@ def test_sampler_overhead(benchmark, name, sampler):
         total = benchmark.stats.stats.total
         benchmark.extra_info.update(samples_per_call=SAMPLE_BATCH, nfe=20, network_seconds=inside[0],
                                     sampler_seconds=total, overhead=(total - inside[0]) / inside[0])
+
+
+@pytest.mark.parametrize("variant", ["default", "channels_last", "threads1", "compile"])
+@pytest.mark.parametrize("name", ["ddpm", "vdm", "vae"])
+def test_train_step_settings(benchmark, name, variant):
+    """Settings tried side by side against the default fp32 training step (keep what pays)."""
+    m = _model(name)
+    x = torch.randint(0, LEVELS, (BATCH, *SHAPE))
+    if variant == "channels_last":
+        m = m.to(memory_format=torch.channels_last)
+    loss_fn = torch.compile(m.loss) if variant == "compile" else m.loss
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    threads = torch.get_num_threads()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(x).backward()
+        opt.step()
+
+    if variant == "threads1":
+        torch.set_num_threads(1)
+    try:
+        step()  # compile / warm-up outside the timing
+        benchmark.extra_info.update(images_per_call=BATCH, threads=torch.get_num_threads())
+        benchmark(step)
+    finally:
+        torch.set_num_threads(threads)
