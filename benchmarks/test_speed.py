@@ -143,8 +143,13 @@ def test_sampler_overhead(benchmark, name, sampler):
                                     sampler_seconds=total, overhead=(total - inside[0]) / inside[0])
 
 
-@pytest.mark.parametrize("variant", ["default", "channels_last", "threads1", "compile"])
-@pytest.mark.parametrize("name", ["ddpm", "vdm", "vae"])
+NO_COMPILE = pytest.mark.xfail(reason="torch.compile cannot trace VDM's torch.autograd.grad of gamma(t)",
+                               strict=True)
+
+
+@pytest.mark.parametrize("name, variant", [
+    (n, v) if (n, v) != ("vdm", "compile") else pytest.param(n, v, marks=NO_COMPILE)
+    for n in ("ddpm", "vdm", "vae") for v in ("default", "channels_last", "threads1", "compile")])
 def test_train_step_settings(benchmark, name, variant):
     """Settings tried side by side against the default fp32 training step (keep what pays)."""
     m = _model(name)
