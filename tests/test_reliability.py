@@ -77,6 +77,41 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
     assert curve(ref) == curve(work)
 
 
+@pytest.mark.slow
+def test_dvc_repro_after_the_training_process_is_killed_resumes(tmp_path):
+    """The stage's training process dies (SIGKILL, as the OOM killer does); DVC marks the stage
+    failed, and the next `dvc repro` resumes from the saved state."""
+    from test_pipeline import _copy_repo
+
+    _copy_repo(tmp_path)
+    params = {**PARAMS, "train": {**PARAMS["train"], "images": 64 * 2000}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"],
+                ["dvc", "repro", "prepare"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    dvc = subprocess.Popen(["dvc", "repro", "train@vae"], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = tmp_path / "results" / "resume" / "vae.pt"
+    deadline = time.time() + 300
+    while not state.is_file() and time.time() < deadline and dvc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    trainer = subprocess.run(["pgrep", "-f", "-P", str(dvc.pid), "diffusion_models train vae"],
+                             capture_output=True, text=True).stdout.split()
+    assert trainer, "the training process was not found (finished already? raise train.images)"
+    os.kill(int(trainer[0]), signal.SIGKILL)
+    out, _ = dvc.communicate(timeout=120)
+    assert dvc.returncode != 0 and "exited with -9" in out
+    again = subprocess.run(["dvc", "repro", "train@vae"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "vae: resuming from step" in again.stdout
+    record = yaml.safe_load((tmp_path / "results" / "train" / "vae.json").read_text())
+    assert record["images_seen"] == 64 * 2000 and not state.exists()
+
+
 def test_nan_stops_training_and_keeps_the_last_good_state(tmp_path):
     m = _Linear((1, 4, 4), 17, _Linear.Config(nan_at=8))  # the flop count makes call 1; NaN at step 8
     m.name = "lin"
