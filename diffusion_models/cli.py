@@ -286,6 +286,8 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
     s = cfg.sample
     n = s.n_samples or data.spec(cfg.data.name).fid_samples
+    tm_fid = {e: quality.torchmetrics_fid_against(reference, extractor=e, weights=path, device=dev)
+              for e, (path, _) in weights.items() if path is not None}  # reference features once
     results = []
     for i, kw in enumerate(points):
         gen = torch.Generator(device=dev).manual_seed(s.seed)
@@ -301,8 +303,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                     samples, reference, extractor=extractor, weights=path, cache_root=REFERENCE_CACHE,
                     cache_name=ref_name, device=dev, kid_subset_size=s.kid_subset_size,
                     kid_subsets=s.kid_subsets, prc_neighborhood=s.prc_neighborhood, seed=s.seed))
-                row["fid_torchmetrics"] = quality.torchmetrics_fid(samples, reference, extractor=extractor,
-                                                                   weights=path, device=dev)
+                row["fid_torchmetrics"] = tm_fid[extractor](samples)
                 row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
             rows.append(row)
         point = {"sampler": kw.get("sampler", "ancestral"), "steps": kw.get("steps"),

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch_fidelity
@@ -29,6 +29,7 @@ CLASSIFIER = "classifier"
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset name
 EXTRACTORS = (CLASSIFIER, INCEPTION)
+FID_LAYER = {CLASSIFIER: "features", INCEPTION: "2048"}  # torch-fidelity's default FID/KID/PR layers
 
 
 class QualityError(RuntimeError):
@@ -222,10 +223,9 @@ def fidelity_kwargs(extractor: str, weights: Path, device: torch.device) -> dict
 
 def reference_files(cache_root: Path, cache_name: str, extractor: str) -> list[Path]:
     """The files torch-fidelity's cache holds for the reference set (features, FID stats)."""
-    return [cache_root / f"{cache_name}-{extractor}-features-features.pt",
-            cache_root / f"{cache_name}-{extractor}-stat-fid-features.pt"] if extractor == CLASSIFIER else [
-            cache_root / f"{cache_name}-{extractor}-features-2048.pt",
-            cache_root / f"{cache_name}-{extractor}-stat-fid-2048.pt"]
+    layer = FID_LAYER[extractor]
+    return [cache_root / f"{cache_name}-{extractor}-features-{layer}.pt",
+            cache_root / f"{cache_name}-{extractor}-stat-fid-{layer}.pt"]
 
 
 def fidelity_metrics(samples: Dataset, reference: Dataset, *, extractor: str, weights: Path,
@@ -263,20 +263,34 @@ class _FeatureLayer(nn.Module):
         return self.extractor(x)[0]
 
 
-def torchmetrics_fid(samples: Dataset, reference: Dataset, *, extractor: str, weights: Path,
-                     device: torch.device, batch_size: int = 500) -> float:
-    """FID by torchmetrics on the same extractor and layer torch-fidelity uses."""
+def torchmetrics_fid_against(reference: Dataset, *, extractor: str, weights: Path, device: torch.device,
+                             batch_size: int = 500) -> Callable[[Dataset], float]:
+    """FID by torchmetrics on the same extractor and layer torch-fidelity uses, as a function of
+    the sample set; the reference's features are extracted once."""
     from torch_fidelity.utils import create_feature_extractor
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    layer = "features" if extractor == CLASSIFIER else "2048"
-    fe = create_feature_extractor(extractor, [layer], **fidelity_kwargs(extractor, weights, device))
+    fe = create_feature_extractor(extractor, [FID_LAYER[extractor]], **fidelity_kwargs(extractor, weights, device))
     dim = fe.net.num_features if extractor == CLASSIFIER else 2048
-    fid = FrechetInceptionDistance(feature=_FeatureLayer(fe, dim), normalize=False).to(device)
-    for data, real in ((reference, True), (samples, False)):
+    fid = FrechetInceptionDistance(feature=_FeatureLayer(fe, dim), normalize=False,
+                                   reset_real_features=False).to(device)
+
+    def update(data: Dataset, real: bool) -> None:
         for i in range(0, len(data), batch_size):
             fid.update(torch.stack([data[j] for j in range(i, min(i + batch_size, len(data)))]).to(device), real)
-    return float(fid.compute())
+
+    update(reference, True)
+
+    def score(samples: Dataset) -> float:
+        fid.reset()  # keeps the reference (real) features
+        update(samples, False)
+        return float(fid.compute())
+
+    return score
+
+
+def torchmetrics_fid(samples: Dataset, reference: Dataset, **kwargs: Any) -> float:
+    return torchmetrics_fid_against(reference, **kwargs)(samples)
 
 
 def sample_grid(images: torch.Tensor, levels: int, path: str | Path, nrow: int = 10, scale: int = 4) -> None:

@@ -13,7 +13,7 @@ a first-order final step (as diffusers does for few steps).
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -37,8 +37,7 @@ def label(sampler: str, steps: int, eta: float = 0.0, spacing: str = "trailing")
 
 
 def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: float = 0.0,
-          spacing: str = "trailing", generator: torch.Generator | None = None,
-          on_step: Callable[[], None] | None = None) -> torch.Tensor:
+          spacing: str = "trailing", generator: torch.Generator | None = None) -> torch.Tensor:
     """Integrate from x at the first time to the data end in `steps` network evaluations."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}'; available: {', '.join(SOLVERS)}")
@@ -72,6 +71,4 @@ def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: fl
                 x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
                 h_prev = h
             x0_prev = x0
-        if on_step is not None:
-            on_step()
     return x

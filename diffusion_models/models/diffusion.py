@@ -119,10 +119,12 @@ class GaussianDiffusion(Model):
         else:
             fixed = self.log_post_var if self.cfg.variance == "small" else self.log_beta
             logvar = self._bcast(fixed, t).expand_as(x_t)
+        return self.posterior_mean(self.x0_hat(out, x_t, t), x_t, t), logvar
+
+    def x0_hat(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's x_0 estimate from its (mean) output, clipped to [-1, 1] if `clip_x0`."""
         x0 = self.x0_from_output(out, x_t, t)
-        if self.cfg.clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-        return self.posterior_mean(x0, x_t, t), logvar
+        return x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean of q(x_{t-1} | x_t, x_0)."""
@@ -248,10 +250,7 @@ class GaussianDiffusion(Model):
         """(x0_hat, eps_hat) at integer time t (0-dim or [B]); eps_hat is re-derived from the
         (clipped) x0_hat."""
         t = t.expand(len(x))
-        out = self.denoise(x, t)[:, : self.shape[0]]
-        x0 = self.x0_from_output(out, x, t)
-        if self.cfg.clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+        x0 = self.x0_hat(self.denoise(x, t)[:, : self.shape[0]], x, t)
         ab = self._bcast(self.alpha_bar, t)
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
