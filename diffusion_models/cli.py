@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -86,12 +87,30 @@ def prepare(cfg: Config) -> None:
                                         "config": dataclasses.asdict(d)})
 
 
-def _truncate_live(live_dir: Path, step: int) -> None:
+def _truncate_live(tsv_dir: Path, step: int) -> None:
     """Keep only DVCLive points logged at or before `step` (its TSVs: step, value)."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+    for tsv in tsv_dir.rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
         keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= step]
         write_text(tsv, "\n".join(keep) + "\n")
+
+
+def run_seeds(cfg: Config) -> list[int]:
+    """The training seeds of every model: train.seed, +1, ... (train.seeds or the dataset's default)."""
+    n = cfg.train.seeds or data.spec(cfg.data.name).seeds
+    return [cfg.train.seed + i for i in range(n)]
+
+
+def checkpoint_path(name: str, seed: int, fraction: float) -> Path:
+    return CHECKPOINTS / name / f"seed{seed}-{fraction * 100:g}pct.pt"
+
+
+def _kept_run(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The training result stored in checkpoint `path` if it was trained with run key `key`."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["train"] if state.get("run_key") == key else None
 
 
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
@@ -103,8 +122,12 @@ def _init_distributed(dev: torch.device) -> tuple[int, int]:
 
 
 def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    """Train one run per seed, keeping checkpoints at the budget sweep's fractions. A run whose
+    checkpoints are all present from an earlier, identical run (same model, training config,
+    seed and data) is kept, so a stage killed mid-way loses nothing already trained."""
     from dvclive import Live
 
+    from .train import Resume, run_key, snapshot_steps
     from .train import train as fit
 
     overrides = _model_overrides(cfg, name)
@@ -117,79 +140,145 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     rank, world = _init_distributed(dev)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    seed_everything(cfg.train.seed)
-    model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)
-    resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
-                "model": dataclasses.asdict(model.cfg)}
-    from .train import Resume
-
-    resume = Resume(RESUME / f"{name}.pt", cfg.train.checkpoint_every) if world == 1 else None
-    resuming = resume is not None and resume.path.is_file()
-    if resuming:  # the curve continues; drop points logged after the saved state
-        _truncate_live(LIVE / name, torch.load(resume.path, weights_only=True)["step"])
-    live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=resuming)
+    images = _to_tensor(train_ds, dev)
+    build = lambda: models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)  # noqa: E731
+    seeds = run_seeds(cfg)
+    trainable = any(p.requires_grad for p in build().parameters())
+    fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
+    wanted = {checkpoint_path(name, s, f) for s in seeds for f in fractions}
+    metrics_dir = LIVE / name / "plots" / "metrics"
+    if rank == 0:  # what an earlier run with other seeds or fractions left behind
+        for old in sorted((CHECKPOINTS / name).glob("*.pt")):
+            if old not in wanted:
+                old.unlink()
+        for old in sorted(metrics_dir.glob("*")):
+            if old.name not in {f"seed{s}" for s in seeds}:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
                 if rank == 0 else contextlib.nullcontext())
+    runs = []
     with live_ctx as live:
-        def log(step: int, seen: int, loss: float) -> None:
-            live.step = step
-            live.log_metric("train/loss", loss)
-            live.log_metric("train/images_seen", seen, plot=False)
-            live.next_step()
+        for seed in seeds:
+            tcfg = dataclasses.replace(cfg.train, seed=seed)
+            seed_everything(seed)
+            model = build()
+            key = run_key(model, images, tcfg)
+            resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
+                        "model": dataclasses.asdict(model.cfg)}
+            kept = {f: _kept_run(checkpoint_path(name, seed, f), key) for f in fractions}
+            if world == 1 and all(r is not None for r in kept.values()):
+                print(f"{name} seed {seed}: kept from an earlier identical run")
+                runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **r}
+                         for f, r in kept.items()]
+                continue
+            steps = snapshot_steps(tcfg, fractions)
+            resume = Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every) if world == 1 else None
+            if resume is not None and resume.path.is_file():
+                at = torch.load(resume.path, weights_only=True)["step"]
+                if any(st <= at and kept[f] is None for st, f in steps.items()):  # a snapshot is gone
+                    resume.path.unlink()
+                else:  # the curve continues; drop points logged after the saved state
+                    _truncate_live(metrics_dir / f"seed{seed}", at)
+            if rank == 0 and not (resume is not None and resume.path.is_file()):
+                shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
 
-        if live is not None:
-            live.log_params({"model": name, **resolved})
-        result = fit(model, _to_tensor(train_ds, dev), cfg.train, log=log if live is not None else None,
-                     progress=sys.stderr.isatty() and rank == 0, resume=resume)
+            def log(step: int, seen: int, loss: float, seed: int = seed) -> None:
+                live.step = step
+                live.log_metric(f"seed{seed}/train/loss", loss)
+                live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
+                live.next_step()
+
+            def snapshot(weights: dict[str, torch.Tensor], result: Any, seed: int = seed, model: Any = model,
+                         key: Any = key, resolved: Any = resolved) -> None:
+                if rank == 0:
+                    models.save(model, checkpoint_path(name, seed, steps[result.steps]), state_dict=weights,
+                                resolved=resolved, train=result.as_dict(), run_key=key)
+
+            if live is not None and seed == seeds[0]:
+                live.log_params({"model": name, "seeds": seeds, "fractions": fractions, **resolved})
+            result = fit(model, images, tcfg, log=log if live is not None else None,
+                         progress=sys.stderr.isatty() and rank == 0, resume=resume,
+                         snapshot=(set(steps), snapshot))
+            if rank != 0:
+                continue
+            models.save(model, checkpoint_path(name, seed, 1.0), resolved=resolved, train=result.as_dict(),
+                        run_key=key)
+            runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)),
+                      **(result.as_dict() if f == 1.0 else _kept_run(checkpoint_path(name, seed, f), key))}
+                     for f in fractions]
+            print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
+                  f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
     if rank != 0:  # rank 0 writes the outputs
         return {}
     record = {
         "model": name, "family": model.family, "params": model.num_params(),
-        **result.as_dict(),
         "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
-        "n_train": meta["n_train"], "n_test": meta["n_test"],
-        "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "processes": world,
-        "device": device_label(dev), "versions": versions(), "config": resolved,
+        "n_train": meta["n_train"], "n_test": meta["n_test"], "budget_images": cfg.train.images,
+        "batch_size": cfg.train.batch_size, "seeds": seeds, "fractions": fractions, "processes": world,
+        "device": device_label(dev), "versions": versions(),
+        "config": {**resolved, "train": dataclasses.asdict(cfg.train)}, "runs": runs,
     }
-    models.save(model, CHECKPOINTS / f"{name}.pt", resolved=resolved, train=result.as_dict())
     record["stage_seconds"] = _stage_seconds()
     write_json(TRAIN_RECORDS / f"{name}.json", record)
-    write_json(METRICS / f"{name}.train.json",
-               {k: record[k] for k in ("params", "images_seen", "train_flops", "train_seconds",
-                                       "images_per_sec")})
-    print(f"trained {name}: {result.images_seen} images in {result.train_seconds:.1f}s "
-          f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
+    final = [r for r in runs if r["fraction"] == 1.0]
+    write_json(METRICS / f"{name}.train.json", {"params": model.num_params(), **{
+        k: sum(r[k] for r in final) / len(final)
+        for k in ("images_seen", "train_flops", "train_seconds", "images_per_sec")}})
     return record
 
 
-def _load_model(cfg: Config, name: str, dev: torch.device) -> models.Model:
-    """The trained checkpoint of `name`, refused if params now give a different model config."""
+def _load_model(cfg: Config, name: str, dev: torch.device, path: str | Path) -> models.Model:
+    """A trained checkpoint of `name`, refused if params now give a different model config."""
     overrides = _model_overrides(cfg, name)
-    model, state = models.load(CHECKPOINTS / f"{name}.pt", map_location=dev)
+    model, state = models.load(path, map_location=dev)
     expected = dataclasses.asdict(models.make_config(name, overrides))
     if state["config"] != expected:
-        raise StageError(f"checkpoint {CHECKPOINTS / name}.pt was trained with model config "
+        raise StageError(f"checkpoint {path} was trained with model config "
                          f"{state['config']}, params.yaml now gives {expected}: retrain it")
     return model.to(dev)
 
 
+def _trained_runs(cfg: Config, name: str) -> list[dict[str, Any]]:
+    """The runs (seed, fraction, checkpoint, training result) the train stage recorded."""
+    _model_overrides(cfg, name)
+    rec = read_json(TRAIN_RECORDS / f"{name}.json")
+    if rec["seeds"] != run_seeds(cfg):
+        raise StageError(f"{TRAIN_RECORDS / name}.json has seeds {rec['seeds']}, params give "
+                         f"{run_seeds(cfg)}: rerun the train stage")
+    return rec["runs"]
+
+
+def _run_fields(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: run[k] for k in ("seed", "fraction", "images_seen", "train_flops")}
+
+
 def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    """Every estimator of every run's checkpoints; IWAE at `sweep_iwae_k` on all of them and at
+    `iwae_k` on the final ones."""
     from .evaluate import evaluate_bounds
 
     dev = _setup_torch(cfg, device)
-    model = _load_model(cfg, name, dev)
-    test_ds = data.load_prepared(PREPARED / "test.npz")
-    bounds = evaluate_bounds(model, _to_tensor(test_ds, dev), cfg.evaluate)
-    record = {"model": name, "family": model.family, "dataset": test_ds.name,
-              "n_test": len(test_ds), "bounds": bounds, "device": device_label(dev),
-              "eval_config": dataclasses.asdict(cfg.evaluate), "versions": versions()}
+    runs = _trained_runs(cfg, name)
+    x = _to_tensor(data.load_prepared(PREPARED / "test.npz"), dev)
+    out = []
+    for run in runs:
+        model = _load_model(cfg, name, dev, run["checkpoint"])
+        ks = [cfg.evaluate.sweep_iwae_k] + ([cfg.evaluate.iwae_k] if run["fraction"] == 1.0 else [])
+        bounds = evaluate_bounds(model, x, cfg.evaluate, iwae_ks=ks)
+        out.append({**_run_fields(run), "bounds": bounds})
+        for label, b in bounds.items():
+            print(f"{name} seed {run['seed']} at {run['fraction']:.0%}: {label} {b['bpd']:.4f} ± "
+                  f"{b['bpd_se']:.4f} bits/dim ({b['seconds']:.1f}s)")
+    record = {"model": name, "family": model.family, "dataset": cfg.data.name, "n_test": len(x),
+              "runs": out, "device": device_label(dev), "eval_config": dataclasses.asdict(cfg.evaluate),
+              "versions": versions()}
     record["stage_seconds"] = _stage_seconds()
     write_json(EVAL_RECORDS / f"{name}.json", record)
-    write_json(METRICS / f"{name}.json", {
-        "bpd": {label: b["bpd"] for label, b in bounds.items()},
-        "bpd_se": {label: b["bpd_se"] for label, b in bounds.items()},
+    final = [r["bounds"] for r in out if r["fraction"] == 1.0]
+    write_json(METRICS / f"{name}.json", {  # mean over seeds of the final checkpoints
+        "bpd": {label: sum(b[label]["bpd"] for b in final) / len(final) for label in final[0]},
+        "bpd_se": {label: sum(b[label]["bpd_se"] for b in final) / len(final) for label in final[0]},
     })
-    for label, b in bounds.items():
-        print(f"{name} {label}: {b['bpd']:.4f} ± {b['bpd_se']:.4f} bits/dim ({b['seconds']:.1f}s)")
     return record
 
 
@@ -255,33 +344,44 @@ def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
     return record
 
 
-def sampler_points(cfg: Config, model: models.Model) -> list[dict[str, Any]]:
-    """The model's default sampler (ancestral), then the grid's solver settings it supports
-    (kwargs for `Model.sample`)."""
+def _sampler_kwargs(cfg: Config, sampler: str, steps: int | None) -> dict[str, Any]:
+    """`Model.sample` keyword arguments of one sampler setting."""
+    if sampler == "ancestral":
+        return {"sampler": sampler, "steps": steps}
+    return {"sampler": sampler, "steps": steps, "spacing": cfg.sample.spacing,
+            **({"eta": cfg.sample.eta} if sampler == "ddim" else {})}
+
+
+def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
+    own default when it has no such sampler), and the grid's settings the model supports, the
+    headline first (kwargs for `Model.sample`)."""
     from .samplers import SOLVERS
 
-    unknown = sorted(set(cfg.sample.grid) - set(SOLVERS))
-    if unknown:
-        raise StageError(f"sample.grid: unknown sampler '{unknown[0]}'; grid samplers: {', '.join(SOLVERS)} "
-                         "(every model's default sampler is always included)")
-    points: list[dict[str, Any]] = [{}]
+    known = ("ancestral", *SOLVERS)
+    for where, sampler in [("sample.sampler", cfg.sample.sampler)] + [("sample.grid", g) for g in cfg.sample.grid]:
+        if sampler not in known:
+            raise StageError(f"{where}: unknown sampler '{sampler}'; samplers: {', '.join(known)}")
+    headline = (_sampler_kwargs(cfg, cfg.sample.sampler, cfg.sample.steps)
+                if cfg.sample.sampler in model.samplers else {})
+    grid = [headline]
     for sampler, steps in cfg.sample.grid.items():
-        if sampler in model.samplers:
-            opts = {"spacing": cfg.sample.spacing, **({"eta": cfg.sample.eta} if sampler == "ddim" else {})}
-            points += [{"sampler": sampler, "steps": k, **opts} for k in steps]
-    return points
+        # a one-shot model's sampler takes no steps: its headline point is its only one
+        if sampler in model.samplers and model.samplers != ("ancestral",):
+            grid += [kw for k in steps if (kw := _sampler_kwargs(cfg, sampler, k)) != headline]
+    return headline, grid
 
 
 def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    """For the default sampler and each grid point: draw n_samples (timing the batches), then
-    FID/KID/PR per extractor; a grid image of the default sampler's samples."""
+    """For each run's checkpoints: n_samples from the headline sampler (timing the batches), then
+    FID/KID/PR per extractor; on the first seed's final checkpoint, the whole sampler grid and
+    an image grid of the headline sampler's samples."""
     from . import quality
     from .evaluate import draw_samples
 
     weights = {e: _extractor_weights(cfg, e) for e in quality.EXTRACTORS}  # fail before sampling
     dev = _setup_torch(cfg, device)
-    model = _load_model(cfg, name, dev)
-    points = sampler_points(cfg, model)
+    runs = _trained_runs(cfg, name)
     train_ds, ref_name = _reference(cfg)
     reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
     s = cfg.sample
@@ -289,41 +389,48 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     tm_fid = {e: quality.torchmetrics_fid_against(reference, extractor=e, weights=path, device=dev)
               for e, (path, _) in weights.items() if path is not None}  # reference features once
     results = []
-    for i, kw in enumerate(points):
-        gen = torch.Generator(device=dev).manual_seed(s.seed)
-        images, speed = draw_samples(model, n, s.batch_size, gen, **kw)
-        if i == 0:
-            quality.sample_grid(images, model.levels, GRIDS / f"{name}.png")
-        samples = quality.ImageSet(images, model.levels)
-        rows = []
-        for extractor, (path, status) in weights.items():
-            row: dict[str, Any] = {"extractor": extractor, "status": status}
-            if path is not None:
-                row.update(quality.fidelity_metrics(
-                    samples, reference, extractor=extractor, weights=path, cache_root=REFERENCE_CACHE,
-                    cache_name=ref_name, device=dev, kid_subset_size=s.kid_subset_size,
-                    kid_subsets=s.kid_subsets, prc_neighborhood=s.prc_neighborhood, seed=s.seed))
-                row["fid_torchmetrics"] = tm_fid[extractor](samples)
-                row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
-            rows.append(row)
-        point = {"sampler": kw.get("sampler", "ancestral"), "steps": kw.get("steps"),
-                 "label": model.sampler_label(**kw), "default": i == 0, **speed, "metrics": rows}
-        results.append(point)
-        main_row = rows[0]
-        print(f"{name} [{point['label']}] NFE {speed['nfe']}, {speed['samples_per_sec']:.1f} samples/s "
-              f"(batch {s.batch_size}); " + (f"FID {main_row['fid']:.4f} (torchmetrics "
-              f"{main_row['fid_torchmetrics']:.4f}) KID {main_row['kid']:.5f} ± {main_row['kid_std']:.5f} "
-              f"P {main_row['precision']:.3f} R {main_row['recall']:.3f} [{main_row['extractor']}]"
-              if main_row["status"] == "ok" else main_row["status"]))
+    for run in runs:
+        model = _load_model(cfg, name, dev, run["checkpoint"])
+        headline, grid = sampler_points(cfg, model)
+        first = run["seed"] == runs[0]["seed"] and run["fraction"] == 1.0
+        for kw in grid if first else [headline]:
+            gen = torch.Generator(device=dev).manual_seed(s.seed + run["seed"])
+            images, speed = draw_samples(model, n, s.batch_size, gen, **kw)
+            if first and kw == headline:
+                quality.sample_grid(images, model.levels, GRIDS / f"{name}.png")
+            samples = quality.ImageSet(images, model.levels)
+            rows = []
+            for extractor, (path, status) in weights.items():
+                row: dict[str, Any] = {"extractor": extractor, "status": status}
+                if path is not None:
+                    row.update(quality.fidelity_metrics(
+                        samples, reference, extractor=extractor, weights=path, cache_root=REFERENCE_CACHE,
+                        cache_name=ref_name, device=dev, kid_subset_size=s.kid_subset_size,
+                        kid_subsets=s.kid_subsets, prc_neighborhood=s.prc_neighborhood, seed=s.seed))
+                    row["fid_torchmetrics"] = tm_fid[extractor](samples)
+                    row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
+                rows.append(row)
+            point = {**_run_fields(run), "sampler": kw.get("sampler", "ancestral"), "steps": kw.get("steps"),
+                     "label": model.sampler_label(**kw), "headline": kw == headline, **speed, "metrics": rows}
+            results.append(point)
+            main_row = rows[0]
+            print(f"{name} seed {run['seed']} at {run['fraction']:.0%} [{point['label']}] NFE {speed['nfe']}, "
+                  f"{speed['samples_per_sec']:.1f} samples/s (batch {s.batch_size}); " + (
+                      f"FID {main_row['fid']:.4f} (torchmetrics {main_row['fid_torchmetrics']:.4f}) "
+                      f"KID {main_row['kid']:.5f} ± {main_row['kid_std']:.5f} P {main_row['precision']:.3f} "
+                      f"R {main_row['recall']:.3f} [{main_row['extractor']}]"
+                      if main_row["status"] == "ok" else main_row["status"]))
     record = {"model": name, "dataset": train_ds.name, "n_samples": n,
               "reference": f"train split ({len(train_ds)} images)", "points": results,
               "device": device_label(dev), "sample_config": dataclasses.asdict(s), "versions": versions()}
     record["stage_seconds"] = _stage_seconds()
     write_json(SAMPLE_RECORDS / f"{name}.json", record)
-    default = results[0]
-    write_json(METRICS / f"{name}.sample.json", {
-        "samples_per_sec": default["samples_per_sec"], "nfe": default["nfe"],
-        **{k: {r["extractor"]: r[k] for r in default["metrics"] if r["status"] == "ok"}
+    final = [p for p in results if p["headline"] and p["fraction"] == 1.0]
+    mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
+    write_json(METRICS / f"{name}.sample.json", {  # mean over seeds, headline sampler, final checkpoints
+        "samples_per_sec": mean([p["samples_per_sec"] for p in final]), "nfe": final[0]["nfe"],
+        **{k: {r["extractor"]: mean([q["metrics"][i][k] for q in final])
+               for i, r in enumerate(final[0]["metrics"]) if r["status"] == "ok"}
            for k in ("fid", "kid", "precision", "recall")}})
     return record
 
@@ -333,33 +440,43 @@ def compare(cfg: Config) -> None:
     trains = [read_json(TRAIN_RECORDS / f"{m}.json") for m in names]
     evals = [read_json(EVAL_RECORDS / f"{m}.json") for m in names]
     samples = [read_json(SAMPLE_RECORDS / f"{m}.json") for m in names]
-    matched = report.check_matched(trains, cfg.train.images, cfg.compare.allow_unmatched)
-    nll = report.nll_table(evals)
-    sampling = report.sampling_table(samples)
-    comp = report.comparison_table(trains, nll, sampling, matched)
+    for t in trains:
+        if t["seeds"] != run_seeds(cfg):
+            raise StageError(f"{t['model']} was trained with seeds {t['seeds']}, params give {run_seeds(cfg)}")
+    tr = report.train_runs(trains)
+    matched = report.check_matched(tr[tr["fraction"] == 1.0].to_dict("records"), cfg.train.images,
+                                   cfg.compare.allow_unmatched)
+    nll_runs, sampling = report.nll_runs(evals), report.sampling_runs(samples)
+    runs = report.runs_table(tr, nll_runs, sampling)
+    comp, nll, sweep = report.comparison_table(runs, matched), report.nll_table(nll_runs), report.sweep_table(runs)
     caption = report.provenance(trains, cfg.train.images)
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
-    nll["dataset"], nll["seed"] = cfg.data.name, cfg.train.seed
-    for df in (comp, nll, sampling):
+    for df in (comp, nll, sweep, runs, sampling):
         df["budget_images"], df["versions"] = cfg.train.images, versions_str
-    write_text(RESULTS / "comparison.csv", comp.to_csv(index=False))
-    write_text(RESULTS / "nll.csv", nll.to_csv(index=False))
-    write_text(RESULTS / "sampling.csv", sampling.to_csv(index=False))
+    nll["dataset"] = cfg.data.name
+    tables = {"comparison.csv": comp, "nll.csv": nll, "budget_sweep.csv": sweep, "runs.csv": runs,
+              "sampling.csv": sampling}
+    for fname, df in tables.items():
+        write_text(RESULTS / fname, df.to_csv(index=False))
     features = read_json(FEATURES / "features.json")
     timings = report.stage_times(trains, evals, samples, features)
     write_text(RESULTS / "timings.csv", timings.to_csv(index=False))
     points = report.fid_vs_nfe(sampling)
     write_text(RESULTS / "fid_vs_nfe.csv", points.to_csv(index=False))
     n = int(sampling["n_samples"].iloc[0])
+    seeds = run_seeds(cfg)
     report.plot_fid_vs_nfe(points, str(RESULTS / "fid_vs_nfe.png"),
                            f"{cfg.data.name}: FID ({report.PRIMARY_EXTRACTOR}, {n:,} samples) against NFE; "
-                           f"budget {cfg.train.images:,} images, seed {cfg.train.seed}")
-    n_fid = int(sampling["n_samples"].iloc[0])
+                           f"budget {cfg.train.images:,} images, seed {seeds[0]}")
+    report.plot_budget_sweep(sweep, str(RESULTS / "budget_sweep.png"),
+                             f"{cfg.data.name}: test bits/dim and FID ({n:,} samples) against training "
+                             f"compute; mean ± std over {len(seeds)} seeds")
     write_text(RESULTS / "comparison.tex", report.latex(comp, (
-        f"{cfg.data.name}, {cfg.train.images:,} training images per model, seed {cfg.train.seed}: "
-        f"tightest bound on the test split (bits/dim $\\pm$ SE, estimator per row) and FID of {n_fid:,} "
-        f"samples of the default sampler ({report.PRIMARY_EXTRACTOR} features) against the training split.")))
-    text = report.markdown(comp, nll, sampling, caption, timings)
+        f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, mean $\\pm$ standard "
+        f"deviation over {len(seeds)} seeds: tightest bound on the test split (bits/dim, estimator per row) "
+        f"and FID of {n:,} samples ({report.PRIMARY_EXTRACTOR} features) against the training split, "
+        f"headline sampler with NFE per row.")))
+    text = report.markdown(comp, nll, sweep, sampling, caption, timings)
     write_text(RESULTS / "comparison.md", text)
     print(text)
 

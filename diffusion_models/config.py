@@ -38,16 +38,23 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm; 0 disables
     ema: float = 0.0              # decay of an exponential moving average of the weights,
                                   # evaluated instead of the raw weights; 0 disables
-    seed: int = 0
+    seed: int = 0                 # the first seed; the runs use seed, seed+1, ..., seed+seeds-1
+    seeds: int | None = None      # training runs per model; None: the dataset's default
+                                  # (digits 3, mnist/cifar10 1)
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+                                  # budget sweep: checkpoints kept (and evaluated) at these
+                                  # fractions of `images`; 1.0 is always included
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
     log_every: int = 50           # steps between DVCLive points
-    checkpoint_every: int = 200   # steps between saved resume states (results/resume/<model>.pt)
+    checkpoint_every: int = 200   # steps between saved resume states (results/resume/)
 
 
 @dataclass
 class EvalConfig:
     iwae_k: int = 1000            # importance samples for IWAE-K (models that support it)
+    sweep_iwae_k: int = 100       # IWAE-K of the budget sweep: computed at every checkpoint
+                                  # (the end of the budget too), so one estimator spans the curve
     t_samples: int = 50           # diffusion: stratified times per example for the Monte Carlo
                                   # estimate of the sum over t (0 = exact sum over all T terms)
     batch_size: int = 64          # test examples per bound evaluation batch
@@ -70,13 +77,15 @@ class FeaturesConfig:
 
 @dataclass
 class SampleConfig:
-    """The `sample@<model>` stage: samples from the default sampler and their quality."""
+    """The `sample@<model>` stage: samples of every run and their quality; the sampler grid."""
     n_samples: int | None = None  # None: the dataset's default (digits 2000, mnist/cifar10 10000)
+    sampler: str = "dpm++2m"      # the headline sampler, run on every seed and sweep checkpoint;
+    steps: int = 20               # a model without it uses its own default (VAE, HVAE: ancestral)
     batch_size: int = 256         # samples per sampler call; also the batch of the speed figures
                                   # (first full batch = warm-up, median over the other full ones)
-    seed: int = 0
-    # sampler grid beyond each model's default sampler: sampler -> step counts; a model is run
-    # at the entries it supports (diffusion models: ddim, dpm++2m)
+    seed: int = 0                 # sample noise of training seed s: seed + s
+    # sampler grid, run on the first seed's final checkpoint: sampler -> step counts; a model is
+    # run at the entries it supports (diffusion: ancestral [T], ddim, dpm++2m)
     grid: dict[str, list[int]] = field(default_factory=lambda: {"ddim": [10, 20, 50, 100],
                                                                 "dpm++2m": [10, 20, 50, 100]})
     eta: float = 0.0              # DDIM eta (0: deterministic DDIM, 1: DDPM-like noise)
@@ -108,7 +117,7 @@ class Config:
     )
 
 
-_POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", "train.checkpoint_every",
+_POSITIVE = {"train.images", "train.batch_size", "evaluate.sweep_iwae_k", "sample.steps", "train.lr", "train.log_every", "train.checkpoint_every",
              "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size",
              "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets", "sample.prc_neighborhood"}
@@ -186,6 +195,10 @@ def _check_ranges(cfg: Config) -> None:
     for sampler, steps in cfg.sample.grid.items():
         if not steps or any(k < 1 for k in steps):
             raise ConfigError(f"sample.grid.{sampler}: expected a non-empty list of step counts >= 1, got {steps!r}")
+    if cfg.train.seeds is not None and cfg.train.seeds < 1:
+        raise ConfigError(f"train.seeds must be >= 1 (or null for the dataset default), got {cfg.train.seeds!r}")
+    if not all(0 < f <= 1 for f in cfg.train.fractions):
+        raise ConfigError(f"train.fractions must lie in (0, 1], got {cfg.train.fractions!r}")
     if cfg.train.ema >= 1:
         raise ConfigError(f"train.ema must be < 1, got {cfg.train.ema!r}")
     if not cfg.models:

@@ -45,6 +45,7 @@ class Spec:
     levels: int
     files: dict[str, str]  # native file name -> published md5 (also pinned in data.dvc)
     fid_samples: int       # default number of generated samples for FID/KID/PR
+    seeds: int             # default training runs (seeds) per model
 
 
 MNIST_FILES = {
@@ -56,9 +57,9 @@ MNIST_FILES = {
 CIFAR10_FILES = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
 
 SPECS = {
-    "digits": Spec((1, 8, 8), 17, {}, 2000),
-    "mnist": Spec((1, 28, 28), 256, MNIST_FILES, 10_000),
-    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES, 10_000),
+    "digits": Spec((1, 8, 8), 17, {}, 2000, 3),
+    "mnist": Spec((1, 28, 28), 256, MNIST_FILES, 10_000, 1),
+    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES, 10_000, 1),
 }
 SPLITS = ("train", "test")
 

@@ -1,6 +1,7 @@
 """Likelihood evaluation: every estimator a model reports, on the test split, in bits/dim."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -23,14 +24,19 @@ def summarize(values: torch.Tensor, dims: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig,
+                    iwae_ks: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """For each estimator of `model`: bound and its terms, mean +- SE over the test examples.
 
-    images: integer [N,C,H,W] on the model's device. Returns {estimator label: summary}.
+    images: integer [N,C,H,W] on the model's device. `iwae_ks`: the estimators of each of
+    these IWAE sample counts (default: cfg.iwae_k); one the models share is computed once.
+    Returns {estimator label: summary}.
     """
     model.eval()
+    estimators = {label: kw for k in (iwae_ks or [cfg.iwae_k])
+                  for label, kw in model.estimators(dataclasses.replace(cfg, iwae_k=k))}
     out: dict[str, dict[str, Any]] = {}
-    for label, kwargs in model.estimators(cfg):
+    for label, kwargs in estimators.items():
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = {}

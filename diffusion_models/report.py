@@ -5,46 +5,142 @@ from typing import Any
 
 import pandas as pd
 
-COMPARISON_COLUMNS = ["model", "family", "params", "images_seen", "train_flops", "train_seconds",
-                      "bpd", "bpd_se", "bpd_estimator", "fid", "fid_extractor", "fid_inception",
-                      "sampler", "n_samples", "nfe", "samples_per_sec", "matched", "dataset", "seed", "device"]
-NLL_COLUMNS = ["model", "estimator", "bpd", "bpd_se", "nats", "nats_se", "n_test"]
-SAMPLING_COLUMNS = ["model", "sampler", "steps", "nfe", "samples_per_sec", "sec_per_sample", "speed_batch",
-                    "fid", "kid", "kid_std", "precision", "recall", "extractor", "n_samples", "reference",
-                    "fid_torchmetrics", "fid_rel_diff", "status", "default", "sampler_name", "speed_repeats",
-                    "sample_seconds", "dataset", "device"]
+COMPARISON_COLUMNS = ["model", "family", "params", "seeds", "images_seen", "train_flops",
+                      "train_seconds", "train_seconds_std", "bpd", "bpd_std", "bpd_se", "bpd_estimator",
+                      "fid", "fid_std", "fid_extractor", "fid_inception", "sampler", "n_samples", "nfe",
+                      "samples_per_sec", "samples_per_sec_std", "matched", "dataset", "device"]
+RUN_KEYS = ["model", "seed", "fraction"]
 PRIMARY_EXTRACTOR = "classifier"  # the `fid` column of the comparison: works offline, on any size
+INCEPTION = "inception-v3-compat"
 
 
-def nll_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (model, estimator), with each bound's named terms as term_<name> (bits/dim)."""
+def train_runs(trains: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per training run checkpoint (model, seed, fraction of the budget)."""
+    rows = [{"model": t["model"], "family": t["family"], "params": t["params"], "dataset": t["dataset"],
+             "device": t["device"], **{k: r[k] for k in ("seed", "fraction", "images_seen", "steps",
+                                                         "train_flops", "train_seconds", "images_per_sec",
+                                                         "final_loss")}}
+            for t in trains for r in t["runs"]]
+    return pd.DataFrame(rows)
+
+
+def nll_runs(evals: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, seed, fraction, estimator), with each bound's named terms as
+    term_<name> (bits/dim)."""
     rows = []
     for ev in evals:
-        for label, b in ev["bounds"].items():
-            row = {"model": ev["model"], "estimator": label, "bpd": b["bpd"], "bpd_se": b["bpd_se"],
-                   "nats": b["nats"], "nats_se": b["nats_se"], "n_test": b["n_examples"]}
-            row.update({f"term_{k}": v for k, v in b["terms_bpd"].items()})
-            rows.append(row)
+        for run in ev["runs"]:
+            for label, b in run["bounds"].items():
+                row = {"model": ev["model"], "seed": run["seed"], "fraction": run["fraction"],
+                       "images_seen": run["images_seen"], "train_flops": run["train_flops"], "estimator": label,
+                       "bpd": b["bpd"], "bpd_se": b["bpd_se"], "nats": b["nats"], "nats_se": b["nats_se"],
+                       "n_test": b["n_examples"]}
+                row.update({f"term_{k}": v for k, v in b["terms_bpd"].items()})
+                rows.append(row)
     df = pd.DataFrame(rows)
     terms = sorted(c for c in df.columns if c.startswith("term_"))
-    return df[NLL_COLUMNS + terms]
+    return df[[c for c in df.columns if not c.startswith("term_")] + terms]
 
 
-def sampling_table(samples: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (model, sampler setting, extractor): NFE, speed, FID, KID, precision/recall,
-    and the FID torchmetrics computes on the same features; an unavailable extractor says why
-    in `status`. `sampler` is the full setting's label, `sampler_name` the sampler alone."""
+def sampling_runs(samples: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, seed, fraction, sampler setting, extractor): NFE, speed, FID, KID,
+    precision/recall, and the FID torchmetrics computes on the same features; an unavailable
+    extractor says why in `status`. `sampler` is the full setting's label, `sampler_name` the
+    sampler alone; `headline` marks the sampler every run is scored with."""
     rows = []
     for rec in samples:
         for p in rec["points"]:
             for m in p["metrics"]:
-                rows.append({"model": rec["model"], "sampler": p["label"], "sampler_name": p["sampler"],
+                rows.append({"model": rec["model"], **{k: p[k] for k in ("seed", "fraction", "images_seen",
+                                                                         "train_flops")},
+                             "sampler": p["label"], "sampler_name": p["sampler"],
                              "steps": p["steps"] if p["steps"] is not None else p["nfe"], "nfe": p["nfe"],
-                             "default": p["default"], "n_samples": rec["n_samples"],
+                             "headline": p["headline"], "n_samples": rec["n_samples"],
                              "reference": rec["reference"], "dataset": rec["dataset"], "device": rec["device"],
                              **{k: p[k] for k in ("samples_per_sec", "sec_per_sample", "speed_batch",
                                                   "speed_repeats", "sample_seconds")}, **m})
-    return pd.DataFrame(rows).reindex(columns=SAMPLING_COLUMNS)
+    return pd.DataFrame(rows)
+
+
+def _final(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["fraction"] == 1.0]
+
+
+def _tightest(nll: pd.DataFrame) -> dict[str, str]:
+    """Per model, the estimator with the lowest mean bound among those every run of `nll` has."""
+    out = {}
+    for model, g in nll.groupby("model", sort=False):
+        runs = g.groupby(["seed", "fraction"]).ngroups
+        counts = g.groupby("estimator")["bpd"].agg(["count", "mean"])
+        out[model] = counts[counts["count"] == runs]["mean"].idxmin()
+    return out
+
+
+def runs_table(trains: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame) -> pd.DataFrame:
+    """One row per run checkpoint: training compute; `bpd` in the model's headline estimator
+    (its tightest at the end of the budget; NaN where not computed) and `sweep_bpd` in the
+    tightest estimator computed at every checkpoint; the headline sampler's quality and speed."""
+    pick = lambda est: nll[nll["estimator"] == nll["model"].map(est)].set_index(RUN_KEYS)  # noqa: E731
+    head, sweep = pick(_tightest(_final(nll))), pick(_tightest(nll))
+    s = sampling[sampling["headline"].astype(bool)]
+    prim = s[s["extractor"] == PRIMARY_EXTRACTOR].set_index(RUN_KEYS)
+    inc = s[s["extractor"] == INCEPTION].set_index(RUN_KEYS)
+    out = trains.set_index(RUN_KEYS)
+    out = out.assign(
+        bpd=head["bpd"], bpd_se=head["bpd_se"], bpd_estimator=head["estimator"],
+        sweep_bpd=sweep["bpd"], sweep_bpd_se=sweep["bpd_se"], sweep_estimator=sweep["estimator"],
+        fid=prim["fid"], kid=prim["kid"], precision=prim["precision"], recall=prim["recall"],
+        fid_inception=inc["fid"], inception_status=inc["status"],
+        sampler=prim["sampler"], n_samples=prim["n_samples"], nfe=prim["nfe"],
+        samples_per_sec=prim["samples_per_sec"])
+    return out.reset_index()
+
+
+def _mean_std(g: Any, cols: list[str]) -> pd.DataFrame:
+    """Mean and sample standard deviation (ddof=1; NaN for one seed) of `cols` per group."""
+    mean, std = g[cols].mean(), g[cols].std(ddof=1)
+    return mean.join(std.add_suffix("_std"))
+
+
+def comparison_table(runs: pd.DataFrame, matched: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per model at the end of the budget: mean and standard deviation over seeds of
+    the headline bound, FID, sampling speed and training time; `bpd_se` is the mean of the
+    runs' standard errors over test examples."""
+    final = _final(runs)
+    g = final.groupby("model", sort=False)
+    agg = _mean_std(g, ["bpd", "fid", "samples_per_sec", "train_seconds", "fid_inception"])
+    first = g.first()
+    inception = [f"{m:.4f} ± {s:.4f}" if st == "ok" else st for m, s, st in
+                 zip(agg["fid_inception"], agg["fid_inception_std"], first["inception_status"])]
+    out = first.assign(
+        seeds=g["seed"].nunique(), images_seen=g["images_seen"].max(), train_flops=g["train_flops"].mean(),
+        bpd_se=g["bpd_se"].mean(), fid_extractor=PRIMARY_EXTRACTOR, fid_inception=inception,
+        matched=[(matched or {}).get(m, "") for m in first.index],
+        **{c: agg[c] for c in ("bpd", "bpd_std", "fid", "fid_std", "samples_per_sec", "samples_per_sec_std",
+                               "train_seconds", "train_seconds_std")})
+    return out.reset_index()[COMPARISON_COLUMNS]
+
+
+def nll_table(nll: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, estimator) at the end of the budget: mean, std over seeds, mean SE."""
+    final = _final(nll)
+    terms = [c for c in final.columns if c.startswith("term_")]
+    g = final.groupby(["model", "estimator"], sort=False)
+    out = _mean_std(g, ["bpd", "nats"]).join(g[["bpd_se", "nats_se"] + terms].mean())
+    out = out.join(g["seed"].nunique().rename("seeds")).join(g["n_test"].first())
+    return out.reset_index()[["model", "estimator", "seeds", "bpd", "bpd_std", "bpd_se", "nats", "nats_std",
+                              "nats_se", "n_test"] + terms]
+
+
+def sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The budget sweep: per (model, fraction), training compute and mean/std over seeds of
+    the bound (one estimator along each model's curve) and of the headline FID."""
+    g = runs.groupby(["model", "fraction"], sort=False)
+    out = g[["images_seen"]].max().join(g[["train_flops", "train_seconds"]].mean()).join(
+        _mean_std(g, ["sweep_bpd", "fid"])).join(g[["sweep_estimator", "sampler"]].first())
+    out = out.join(g["seed"].nunique().rename("seeds"))
+    return out.reset_index().rename(columns={"sweep_bpd": "bpd", "sweep_bpd_std": "bpd_std",
+                                             "sweep_estimator": "estimator"})
 
 
 def stage_times(trains: list[dict[str, Any]], evals: list[dict[str, Any]], samples: list[dict[str, Any]],
@@ -58,21 +154,66 @@ def stage_times(trains: list[dict[str, Any]], evals: list[dict[str, Any]], sampl
     return pd.concat([df, pd.DataFrame([{"stage": "total", "seconds": df["seconds"].sum()}])], ignore_index=True)
 
 
+def grid_rows(sampling: pd.DataFrame) -> pd.DataFrame:
+    """The sampler grid: each model's rows of its first seed's final checkpoint."""
+    final = _final(sampling)
+    return final[final["seed"] == final.groupby("model")["seed"].transform("min")]
+
+
 def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
-    """The FID-against-NFE points of one extractor (the data of the plot)."""
-    ok = sampling[(sampling["extractor"] == extractor) & (sampling["status"] == "ok")]
-    return ok[["model", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
+    """The FID-against-NFE points of one extractor (the data of the plot): the sampler grid,
+    run on the first seed's final checkpoint."""
+    grid = grid_rows(sampling)
+    ok = grid[(grid["extractor"] == extractor) & (grid["status"] == "ok")]
+    return ok[["model", "seed", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
 
 
-def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
-    """FID against NFE (log x), one line per (model, sampler)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
     from .runtime import atomic_path
 
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_budget_sweep(sweep: pd.DataFrame, path: str, caption: str) -> None:
+    """Bits/dim and FID against training FLOPs (log x), mean ± std over seeds, one line per model."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    trained = sweep[sweep["train_flops"] > 0]
+    colours = dict(zip(sweep["model"].unique(), plt.get_cmap("tab10").colors))
+    for model, g in trained.groupby("model", sort=False):
+        g = g.sort_values("train_flops")
+        axes[0].errorbar(g["train_flops"], g["bpd"], yerr=g["bpd_std"].fillna(0), color=colours[model],
+                         marker="o", capsize=3, label=f"{model} ({g['estimator'].iloc[0]})")
+        axes[1].errorbar(g["train_flops"], g["fid"], yerr=g["fid_std"].fillna(0), color=colours[model],
+                         marker="o", capsize=3, label=f"{model} ({g['sampler'].iloc[0]})")
+    for row in sweep[sweep["train_flops"] <= 0].itertuples():  # closed form: a reference line
+        axes[0].axhline(row.bpd, color=colours[row.model], linestyle=":", label=f"{row.model} (closed form)")
+    for ax, ylabel in zip(axes, ("test bits/dim (upper bound)", f"FID ({PRIMARY_EXTRACTOR} features)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (measured)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    fig.suptitle(caption, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
+    """FID against NFE (log x), one line per (model, sampler)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 5))
     colours = dict(zip(points["model"].unique(), plt.get_cmap("tab10").colors))
     styles = {"ancestral": dict(marker="s", linestyle="none"), "ddim": dict(marker="o", linestyle="-"),
@@ -92,9 +233,7 @@ def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=1, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 PARAM_TOLERANCE = 0.10  # parameter counts matched within +-10% of the trained models' median
@@ -104,61 +243,33 @@ class UnmatchedError(ValueError):
     """Runs that are not matched (budget or size) presented as a matched comparison."""
 
 
-def matching(trains: list[dict[str, Any]], budget: int) -> dict[str, str]:
-    """Per model: '' when matched, else why not. Closed-form models (no training) are exempt.
-    Trained models must have seen exactly `budget` images and have a parameter count within
-    +-10% of the trained models' median."""
-    trained = [t for t in trains if t["images_seen"] > 0 or t["train_flops"] > 0]
-    median = float(pd.Series([t["params"] for t in trained]).median()) if trained else 0.0
-    out = {}
-    for t in trains:
-        why = []
-        if t in trained:
-            if t["images_seen"] != budget:
-                why.append(f"saw {t['images_seen']:,} images, budget {budget:,}")
-            if abs(t["params"] - median) > PARAM_TOLERANCE * median:
-                why.append(f"{t['params']:,} params, outside ±10% of the median {median:,.0f}")
-        out[t["model"]] = "; ".join(why)
-    return out
+def matching(runs: list[dict[str, Any]], budget: int) -> dict[str, str]:
+    """Per model: '' when matched, else why not, from its final training runs (model, seed,
+    params, images_seen, train_flops). Closed-form models (no training) are exempt. Every
+    trained run must have seen exactly `budget` images, and each model's parameter count must
+    be within +-10% of the trained models' median."""
+    trained = [r for r in runs if r["images_seen"] > 0 or r["train_flops"] > 0]
+    median = float(pd.Series({r["model"]: r["params"] for r in trained}).median()) if trained else 0.0
+    why: dict[str, list[str]] = {r["model"]: [] for r in runs}
+    for r in trained:
+        if r["images_seen"] != budget:
+            why[r["model"]].append(f"seed {r['seed']} saw {r['images_seen']:,} images, budget {budget:,}")
+        size = f"{r['params']:,} params, outside ±10% of the median {median:,.0f}"
+        if abs(r["params"] - median) > PARAM_TOLERANCE * median and size not in why[r["model"]]:
+            why[r["model"]].append(size)
+    return {m: "; ".join(w) for m, w in why.items()}
 
 
-def check_matched(trains: list[dict[str, Any]], budget: int, allow_unmatched: bool) -> dict[str, str]:
+def check_matched(runs: list[dict[str, Any]], budget: int, allow_unmatched: bool) -> dict[str, str]:
     """The per-model `matched` column; raises naming the offending models unless allowed."""
-    why = matching(trains, budget)
+    why = matching(runs, budget)
     bad = {m: w for m, w in why.items() if w}
     if bad and not allow_unmatched:
         raise UnmatchedError("refusing to present these runs as matched: "
                              + "; ".join(f"{m} ({w})" for m, w in bad.items())
                              + " (set compare.allow_unmatched: true to write the tables with a warning column)")
-    trained = {t["model"] for t in trains if t["images_seen"] > 0 or t["train_flops"] > 0}
+    trained = {r["model"] for r in runs if r["images_seen"] > 0 or r["train_flops"] > 0}
     return {m: ("no: " + w if w else "yes" if m in trained else "closed form") for m, w in why.items()}
-
-
-def comparison_table(trains: list[dict[str, Any]], nll: pd.DataFrame, sampling: pd.DataFrame,
-                     matched: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per model; `bpd` is the tightest (lowest) bound the model reports, `fid` the
-    domain-classifier FID of its default sampler, `fid_inception` the Inception-v3 FID or
-    the reason it is not available."""
-    best = nll.loc[nll.groupby("model", sort=False)["bpd"].idxmin()].set_index("model")
-    by = sampling[sampling["default"].astype(bool)].set_index(["model", "extractor"])
-    rows = []
-    for tr in trains:
-        m = tr["model"]
-        prim, inc = by.loc[(m, PRIMARY_EXTRACTOR)], by.loc[(m, "inception-v3-compat")]
-        rows.append({
-            "model": m, "family": tr["family"], "params": tr["params"],
-            "images_seen": tr["images_seen"], "train_flops": tr["train_flops"],
-            "train_seconds": tr["train_seconds"],
-            "bpd": best.at[m, "bpd"], "bpd_se": best.at[m, "bpd_se"],
-            "bpd_estimator": best.at[m, "estimator"],
-            "fid": prim["fid"], "fid_extractor": PRIMARY_EXTRACTOR,
-            "fid_inception": f"{inc['fid']:.4f}" if inc["status"] == "ok" else inc["status"],
-            "sampler": prim["sampler"], "n_samples": prim["n_samples"], "nfe": prim["nfe"],
-            "samples_per_sec": prim["samples_per_sec"],
-            "dataset": tr["dataset"], "seed": tr["seed"], "device": tr["device"],
-            "matched": (matched or {}).get(m, ""),
-        })
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 def provenance(trains: list[dict[str, Any]], budget: int) -> list[str]:
@@ -166,26 +277,38 @@ def provenance(trains: list[dict[str, Any]], budget: int) -> list[str]:
     first = trains[0]
     versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
     devices = sorted({t["device"] for t in trains})
+    seeds = first["seeds"]
+    fractions = max((t["fractions"] for t in trains), key=len)  # closed-form models have only 100%
     return [
         f"dataset: {first['dataset']} (train {first['n_train']} / test {first['n_test']} images, "
         f"{first['levels']} levels, shape {'x'.join(map(str, first['shape']))})",
-        f"budget: {budget:,} training images seen per model (batch {first['batch_size']}); "
-        f"seed {first['seed']}",
+        f"budget: {budget:,} training images seen per model and run (batch {first['batch_size']}); "
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) per model; budget sweep checkpoints at "
+        f"{', '.join(f'{f:.0%}' for f in fractions)}",
         f"device: {'; '.join(devices)}",
         f"versions: {versions}",
     ]
 
 
+def _pm(mean: Any, std: Any, spec: str) -> str:
+    """'mean ± std' ('mean' alone for one seed)."""
+    if pd.isna(mean):
+        return ""
+    return format(mean, spec) + ("" if pd.isna(std) else f" ± {format(std, spec)}")
+
+
 def latex(comparison: pd.DataFrame, caption: str) -> str:
     """A booktabs tabular (pandas' LaTeX writer) of the summary, one row per model."""
+    pm = lambda c, spec: [_pm(m, s, spec).replace("±", "$\\pm$") for m, s in  # noqa: E731
+                          zip(comparison[c], comparison[f"{c}_std"])]
     t = pd.DataFrame({
         "Model": comparison["model"],
         "Params": comparison["params"].map(lambda v: f"{v:,}"),
-        "Bits/dim": [f"{b:.3f} $\\pm$ {s:.3f}" for b, s in zip(comparison["bpd"], comparison["bpd_se"])],
+        "Bits/dim": pm("bpd", ".3f"),
         "Bound": comparison["bpd_estimator"],
-        f"FID ({PRIMARY_EXTRACTOR})": comparison["fid"].map(lambda v: _fmt(v, ".2f")),
+        f"FID ({PRIMARY_EXTRACTOR})": pm("fid", ".2f"),
         "NFE": comparison["nfe"],
-        "Samples/s": comparison["samples_per_sec"].map(lambda v: _fmt(v, ".1f")),
+        "Samples/s": pm("samples_per_sec", ".1f"),
     })
     t = t.apply(lambda col: col.astype(str).str.replace("_", "\\_", regex=False).str.replace(
         "%", "\\%", regex=False) if col.name in ("Model", "Bound") else col)
@@ -197,59 +320,81 @@ def _fmt(v: Any, spec: str) -> str:
     return "" if pd.isna(v) else format(v, spec)
 
 
-def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame, caption: list[str],
-             timings: pd.DataFrame | None = None) -> str:
-    fmt = comparison.drop(columns=["dataset", "seed", "device"]).copy()
-    fmt["train_flops"] = fmt["train_flops"].map(lambda v: f"{v:.3g}")
-    fmt["train_seconds"] = fmt["train_seconds"].map(lambda v: f"{v:.1f}")
-    fmt["bpd"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(fmt.pop("bpd"), fmt.pop("bpd_se"))]
-    fmt["fid"] = fmt["fid"].map(lambda v: _fmt(v, ".4f"))
-    fmt["samples_per_sec"] = fmt["samples_per_sec"].map(lambda v: _fmt(v, ".1f"))
-    fmt["fid_inception"] = fmt["fid_inception"].map(  # the reason is listed below the tables
-        lambda v: "not available" if str(v).startswith("not available") else v)
-    fmt = fmt[["model", "family", "params", "images_seen", "train_flops", "train_seconds",
-               "bpd", "bpd_estimator", "fid", "fid_inception", "sampler", "nfe", "samples_per_sec", "matched"]]
-    fmt = fmt.rename(columns={"bpd": "bits/dim ± SE", "bpd_estimator": "estimator",
-                              "fid": f"FID ({PRIMARY_EXTRACTOR})", "fid_inception": "FID (Inception-v3)"})
+def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, sampling: pd.DataFrame,
+             caption: list[str], timings: pd.DataFrame | None = None) -> str:
+    seeds = int(comparison["seeds"].max())
+    over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    fmt = pd.DataFrame({
+        "model": comparison["model"], "family": comparison["family"], "params": comparison["params"],
+        "images_seen": comparison["images_seen"], "train_flops": comparison["train_flops"].map(lambda v: f"{v:.3g}"),
+        "train_seconds": [_pm(m, s, ".1f") for m, s in zip(comparison["train_seconds"],
+                                                           comparison["train_seconds_std"])],
+        "bits/dim": [_pm(m, s, ".4f") for m, s in zip(comparison["bpd"], comparison["bpd_std"])],
+        "SE": comparison["bpd_se"].map(lambda v: _fmt(v, ".4f")),
+        "estimator": comparison["bpd_estimator"],
+        f"FID ({PRIMARY_EXTRACTOR})": [_pm(m, s, ".3f") for m, s in zip(comparison["fid"], comparison["fid_std"])],
+        "FID (Inception-v3)": comparison["fid_inception"].map(  # the reason is listed below the tables
+            lambda v: "not available" if str(v).startswith("not available") else v),
+        "sampler": comparison["sampler"], "nfe": comparison["nfe"],
+        "samples/s": [_pm(m, s, ".1f") for m, s in zip(comparison["samples_per_sec"],
+                                                        comparison["samples_per_sec_std"])],
+        "matched": comparison["matched"],
+    })
     nfmt = nll.copy()
-    for c in [c for c in nfmt.columns if c.startswith("term_")] + ["nats", "nats_se"]:
+    for c in [c for c in nfmt.columns if c.startswith("term_")] + ["bpd_se", "nats", "nats_se"]:
         nfmt[c] = nfmt[c].map(lambda v: _fmt(v, ".4f"))
-    nfmt["bits/dim ± SE"] = [f"{b:.4f} ± {s:.4f}" for b, s in zip(nfmt["bpd"], nfmt["bpd_se"])]
+    nfmt["bits/dim"] = [_pm(m, s, ".4f") for m, s in zip(nll["bpd"], nll["bpd_std"])]
     terms = [c for c in nfmt.columns if c.startswith("term_")]
-    nfmt = nfmt[["model", "estimator", "bits/dim ± SE", "nats", "nats_se", "n_test"] + terms]
-    sfmt = sampling.copy()
+    nfmt = nfmt[["model", "estimator", "seeds", "bits/dim", "bpd_se", "nats", "nats_se", "n_test"] + terms]
+    wfmt = pd.DataFrame({
+        "model": sweep["model"], "fraction": sweep["fraction"].map(lambda v: f"{v:.0%}"),
+        "images_seen": sweep["images_seen"].map(lambda v: f"{v:,.0f}"),
+        "train_flops": sweep["train_flops"].map(lambda v: f"{v:.3g}"),
+        "bits/dim": [_pm(m, s, ".4f") for m, s in zip(sweep["bpd"], sweep["bpd_std"])],
+        "estimator": sweep["estimator"],
+        f"FID ({PRIMARY_EXTRACTOR})": [_pm(m, s, ".3f") for m, s in zip(sweep["fid"], sweep["fid_std"])],
+    })
+    sfmt = grid_rows(sampling)
+    sfmt = sfmt[sfmt["status"] == "ok"].copy()
     sfmt["KID ± std"] = [_fmt(k, ".5f") + (f" ± {s:.5f}" if not pd.isna(s) else "")
                          for k, s in zip(sfmt["kid"], sfmt["kid_std"])]
     for c, spec in (("fid", ".4f"), ("fid_torchmetrics", ".4f"), ("fid_rel_diff", ".1e"),
                     ("precision", ".3f"), ("recall", ".3f"), ("samples_per_sec", ".1f")):
         sfmt[c] = sfmt[c].map(lambda v, spec=spec: _fmt(v, spec))
-    sfmt = sfmt[sfmt["status"] == "ok"]
     sfmt = sfmt[["model", "sampler", "nfe", "samples_per_sec", "extractor", "fid", "KID ± std", "precision",
                  "recall", "fid_torchmetrics", "fid_rel_diff"]]
     missing = sorted({f"{e}: {st}" for e, st in zip(sampling["extractor"], sampling["status"]) if st != "ok"})
-    ref = sampling["reference"].iloc[0] if len(sampling) else ""
-    n = sampling["n_samples"].iloc[0] if len(sampling) else ""
-    batch = sampling["speed_batch"].iloc[0] if len(sampling) else ""
+    ref = sampling["reference"].iloc[0]
+    n = sampling["n_samples"].iloc[0]
+    batch = sampling["speed_batch"].iloc[0]
     lines = ["# Model comparison", ""] + [f"- {c}" for c in caption] + [
         "",
-        "Bounds are upper bounds on -log P(x) of the discrete test images, in bits/dim "
-        "(nats / (D ln 2)), mean ± standard error over test examples. "
+        f"Every figure of the summary is the {over} (sample standard deviation) of the runs at "
+        "the end of the budget. Bounds are upper bounds on -log P(x) of the discrete test images, "
+        "in bits/dim (nats / (D ln 2)); `SE` is the mean over seeds of each run's standard error "
+        "over test examples; the estimator is the model's tightest. "
         f"Sample quality: FID, KID and precision/recall (torch-fidelity) of {n} samples "
-        f"per sampler setting against the {ref}, in the features of the named "
+        f"per run against the {ref}, in the features of the named "
         "extractor; `classifier` is the pipeline's domain classifier (`results/features/features.json`), "
         "so its FIDs are comparable with each other but not with published Inception FIDs. "
         f"Speed: samples/s at batch {batch} after a warm-up batch, median over the other full batches "
-        "(device above); NFE = network evaluations per sample.",
+        "(device above); NFE = network evaluations per sample. Per-run numbers: `results/runs.csv`.",
         "",
-        "## Summary (tightest bound per model)",
+        f"## Summary ({over})",
         "",
         fmt.to_markdown(index=False, disable_numparse=True),
         "",
-        "## Likelihood bounds by estimator (terms in bits/dim)",
+        f"## Likelihood bounds by estimator ({over}; terms in bits/dim, mean over seeds)",
         "",
         nfmt.to_markdown(index=False, disable_numparse=True),
         "",
-        "## Samplers: quality against network evaluations (fid_torchmetrics: the same FID by torchmetrics)",
+        f"## Budget sweep: checkpoints within each run ({over}; one estimator per model along the "
+        "curve, the headline sampler)",
+        "",
+        wfmt.to_markdown(index=False, disable_numparse=True),
+        "",
+        "## Samplers on the first seed's final checkpoint: quality against network evaluations "
+        "(fid_torchmetrics: the same FID by torchmetrics)",
         "",
         sfmt.to_markdown(index=False, disable_numparse=True),
         "",

@@ -43,9 +43,15 @@ class Resume:
     every: int  # steps between saved states
 
 
-def _run_key(model: Model, images: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
-    """What a resume state must match: the model, its config, the training config and the data."""
-    train = {k: v for k, v in asdict(cfg).items() if k not in ("device", "threads", "log_every")}
+# TrainConfig fields that do not change what one run computes (device and threads change the
+# float rounding only; seeds and fractions choose which runs and snapshots exist)
+_NOT_IN_KEY = ("device", "threads", "log_every", "checkpoint_every", "seeds", "fractions")
+
+
+def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
+    """What a resume state or a kept checkpoint must match: the model, its config, the
+    training config (seed included) and the data."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
     digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
     return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest}
 
@@ -107,9 +113,18 @@ def measure_flops(model: Model, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
+def snapshot_steps(cfg: TrainConfig, fractions: list[float]) -> dict[int, float]:
+    """{step: fraction}: the first step at which at least fraction x the budget has been seen."""
+    sizes = batch_sizes(cfg.images, cfg.batch_size)
+    seen = torch.tensor(sizes).cumsum(0)
+    return {int(torch.searchsorted(seen, math.ceil(f * cfg.images))) + 1: f for f in sorted(fractions)}
+
+
 def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
           log: Callable[[int, int, float], None] | None = None, progress: bool = True,
-          resume: Resume | None = None) -> TrainResult:
+          resume: Resume | None = None,
+          snapshot: tuple[set[int], Callable[[dict[str, torch.Tensor], TrainResult], None]] | None = None,
+          ) -> TrainResult:
     """Fit `model` on integer images [N,C,H,W] (already on the model's device).
 
     `log(step, images_seen, loss)` is called every `cfg.log_every` steps (DVCLive hook).
@@ -117,7 +132,9 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     the full training state (weights, optimizer, EMA, data order, RNG states, counters) is
     saved atomically every `resume.every` steps, and a run that finds a state of the same
     model, config and data continues from it, ending bit-identical to an uninterrupted run.
-    The state file is removed when training completes.
+    The state file is removed when training completes. `snapshot` = (steps, save): at each of
+    those steps before the last, save(weights, result so far) (the averaged weights with EMA);
+    the budget sweep's checkpoints.
     """
     rank, world = _distributed()
     if world > 1 and resume is not None:
@@ -142,7 +159,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     window: list[float] = []
     seen, done, elapsed, final_loss = 0, 0, 0.0, math.nan
     saved = None  # step of the last resume state on disk
-    key = _run_key(model, images, cfg) if resume is not None else None
+    key = run_key(model, images, cfg) if resume is not None else None
     if resume is not None and resume.path.is_file():
         state = torch.load(resume.path, map_location=images.device, weights_only=True)
         if state.get("key") == key:
@@ -191,6 +208,11 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
             if log is not None:
                 log(step, seen, mean_loss)
             final_loss, window = mean_loss, []
+        if snapshot is not None and step in snapshot[0] and step < len(sizes):
+            secs = elapsed + time.perf_counter() - start
+            weights = (ema.module if ema is not None else model).state_dict()
+            snapshot[1](weights, TrainResult(seen, step, secs, seen / secs, flops_per_image,
+                                             flops_per_image * seen, final_loss))
         if resume is not None and step % resume.every == 0 and step < len(sizes):
             state = {"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "rng": _rng_states(gen),

@@ -15,11 +15,11 @@ from diffusion_models.cli import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"name": "digits"},
-    "train": {"images": 256, "batch_size": 64, "seed": 0, "device": "cpu"},
-    "evaluate": {"iwae_k": 4},
+    "train": {"images": 256, "batch_size": 64, "seed": 0, "seeds": 2, "fractions": [0.5, 1.0], "device": "cpu"},
+    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2},
     "features": {"epochs": 2, "width": 8, "inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
-               "grid": {"ddim": [2], "dpm++2m": [2]}},
+               "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]}},
     "compare": {"allow_unmatched": True},  # tiny models of different sizes
     "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
@@ -89,34 +89,47 @@ def test_dvc_repro_end_to_end(tmp_path):
     results = tmp_path / "results"
     comp = pd.read_csv(results / "comparison.csv").set_index("model")
     nll = pd.read_csv(results / "nll.csv")
-    assert list(comp.index) == ["baseline", "vae", "ddpm"]
+    assert list(comp.index) == ["baseline", "vae", "ddpm"] and (comp["seeds"] == 2).all()
     assert comp.loc["vae", "images_seen"] == 256 and comp.loc["vae", "family"] == "vae"
-    assert comp.loc["vae", "train_flops"] > 0 and (comp["fid"] > 0).all()
+    assert comp.loc["vae", "train_flops"] > 0 and (comp["fid"] > 0).all() and (comp["fid_std"] > 0).all()
     assert (comp["fid_extractor"] == "classifier").all() and (comp["n_samples"] == 64).all()
     assert comp["fid_inception"].str.startswith("not available: no weights at").all()
+    assert comp.loc["ddpm", "sampler"].startswith("dpm++2m, 4 steps") and comp.loc["ddpm", "nfe"] == 4
+    ckpts = sorted(p.name for p in (results / "checkpoints" / "vae").iterdir())
+    assert ckpts == ["seed0-100pct.pt", "seed0-50pct.pt", "seed1-100pct.pt", "seed1-50pct.pt"]
+    runs = pd.read_csv(results / "runs.csv")
+    assert len(runs) == 2 + 4 + 4 and set(runs[runs["model"] == "vae"]["images_seen"]) == {128, 256}
+    sweep = pd.read_csv(results / "budget_sweep.csv")
+    assert list(sweep[sweep["model"] == "ddpm"]["fraction"]) == [0.5, 1.0]
+    assert (results / "budget_sweep.png").stat().st_size > 0
     sampling = pd.read_csv(results / "sampling.csv")
     assert set(zip(sampling["model"], sampling["extractor"])) == {
         (m, e) for m in ("baseline", "vae", "ddpm") for e in ("classifier", "inception-v3-compat")}
-    ddpm = sampling[(sampling["model"] == "ddpm") & (sampling["extractor"] == "classifier")].set_index("sampler_name")
-    assert ddpm.loc["ancestral", "nfe"] == 40 and ddpm.loc["ddim", "nfe"] == 2 and ddpm.loc["dpm++2m", "nfe"] == 2
-    assert ddpm.loc["ddim", "samples_per_sec"] > 3 * ddpm.loc["ancestral", "samples_per_sec"]  # 20x fewer NFE
+    grid = sampling[(sampling["model"] == "ddpm") & (sampling["extractor"] == "classifier")
+                    & (sampling["seed"] == 0) & (sampling["fraction"] == 1.0)].set_index("sampler")
+    assert sorted(grid["nfe"]) == [2, 2, 4, 40] and grid["headline"].sum() == 1
+    anc = grid[grid["sampler_name"] == "ancestral"].iloc[0]
+    ddim = grid[grid["sampler_name"] == "ddim"].iloc[0]
+    assert ddim["samples_per_sec"] > 3 * anc["samples_per_sec"]  # 20x fewer NFE
     assert (results / "fid_vs_nfe.png").stat().st_size > 0
     assert comp.loc["baseline", "matched"] == "closed form"
     assert comp.loc[["vae", "ddpm"], "matched"].str.contains("params, outside ±10%").any()
     assert "\\begin{tabular}" in (results / "comparison.tex").read_text()
-    assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 5  # 3 defaults + 2 ddpm grid points
+    assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 6  # 3 headline + 3 more ddpm grid points
     ok = sampling[sampling["status"] == "ok"]
     assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()
     assert ok[["kid", "precision", "recall"]].notna().all().all()
-    for grid in ("real", "baseline", "vae", "ddpm"):
-        assert (results / "samples" / f"{grid}.png").stat().st_size > 0
-    assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-4", "VLB (T=40, exact sum)"}
-    assert (nll["bpd"] > 0).all() and (nll["bpd_se"] > 0).all()
+    for image in ("real", "baseline", "vae", "ddpm"):
+        assert (results / "samples" / f"{image}.png").stat().st_size > 0
+    assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-2", "IWAE-4", "VLB (T=40, exact sum)"}
+    assert (nll["bpd"] > 0).all() and (nll["bpd_se"] > 0).all() and (nll["seeds"] == 2).all()
     md = (results / "comparison.md").read_text()
     assert "dataset: digits" in md and "budget: 256 training images" in md and "versions:" in md
+    assert "mean ± std over 2 seeds" in md
     metrics = json.loads((results / "metrics" / "vae.json").read_text())
-    assert set(metrics["bpd"]) == {"ELBO", "IWAE-4"}
-    assert (results / "live" / "vae" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    assert set(metrics["bpd"]) == {"ELBO", "IWAE-2", "IWAE-4"}
+    for seed in (0, 1):
+        assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()
     assert "bpd.IWAE-4" in sh("dvc", "metrics", "show")
     # nothing changed: everything is up to date
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
@@ -127,3 +140,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "train@vae" in status and "evaluate@vae" in status
     assert "train@baseline" not in status and "evaluate@baseline" not in status
     assert "sample@vae" in status and "sample@baseline" not in status and "features" not in status
+    # one more seed: the finished seeds' checkpoints are kept, only the new seed trains
+    params = {**TINY, "train": {**TINY["train"], "seeds": 3}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc", "repro", "train@vae")
+    assert "vae seed 0: kept" in out and "vae seed 1: kept" in out and "trained vae seed 2" in out

@@ -20,8 +20,8 @@ from test_train_report import _Linear
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
     "data": {"name": "digits"},
-    "train": {"images": 64 * 1000, "batch_size": 64, "seed": 3, "device": "cpu", "threads": 1,
-              "log_every": 10, "checkpoint_every": 25},
+    "train": {"images": 64 * 1000, "batch_size": 64, "seed": 3, "seeds": 1, "fractions": [0.5, 1.0],
+              "device": "cpu", "threads": 1, "log_every": 10, "checkpoint_every": 25},
     "models": {"vae": {"width": 8}},
 }
 
@@ -52,7 +52,7 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
     _run(ref, "train", "vae")
 
     work = _setup(tmp_path / "killed")
-    state = work / "results" / "resume" / "vae.pt"
+    state = work / "results" / "resume" / "vae" / "seed3.pt"
     p = _cli(work, "train", "vae")
     deadline = time.time() + 300
     while not state.is_file() and time.time() < deadline and p.poll() is None:
@@ -62,19 +62,21 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
-    assert state.is_file() and not (work / "results" / "checkpoints" / "vae.pt").exists()
+    final = Path("results") / "checkpoints" / "vae" / "seed3-100pct.pt"
+    assert state.is_file() and not (work / final).exists()
 
     out = _run(work, "train", "vae")
     assert "vae: resuming from step" in out
     assert not state.exists()  # removed once training completed
-    a = torch.load(ref / "results" / "checkpoints" / "vae.pt", weights_only=True)
-    b = torch.load(work / "results" / "checkpoints" / "vae.pt", weights_only=True)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    assert a["train"]["final_loss"] == b["train"]["final_loss"]
+    for ckpt in (final, final.with_name("seed3-50pct.pt")):  # the budget sweep's checkpoint too
+        a = torch.load(ref / ckpt, weights_only=True)
+        b = torch.load(work / ckpt, weights_only=True)
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+        assert a["train"]["final_loss"] == b["train"]["final_loss"]
     # the learning curve has each step once, as in the uninterrupted run
-    curve = lambda d: (d / "results" / "live" / "vae" / "plots" / "metrics" / "train" / "loss.tsv").read_text()  # noqa: E731
+    curve = lambda d: (d / "results" / "live" / "vae" / "plots" / "metrics" / "seed3" / "train" / "loss.tsv").read_text()  # noqa: E731
     assert curve(ref) == curve(work)
 
 
@@ -95,7 +97,7 @@ def test_dvc_repro_after_the_training_process_is_killed_resumes(tmp_path):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     dvc = subprocess.Popen(["dvc", "repro", "train@vae"], cwd=tmp_path, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    state = tmp_path / "results" / "resume" / "vae.pt"
+    state = tmp_path / "results" / "resume" / "vae" / "seed3.pt"
     deadline = time.time() + 300
     while not state.is_file() and time.time() < deadline and dvc.poll() is None:
         time.sleep(0.05)
@@ -114,7 +116,7 @@ def test_dvc_repro_after_the_training_process_is_killed_resumes(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "vae: resuming from step" in again.stdout
     record = yaml.safe_load((tmp_path / "results" / "train" / "vae.json").read_text())
-    assert record["images_seen"] == 64 * 2000 and not state.exists()
+    assert [r["images_seen"] for r in record["runs"]] == [64 * 1000, 64 * 2000] and not state.exists()
 
 
 def test_nan_stops_training_and_keeps_the_last_good_state(tmp_path):

@@ -65,47 +65,103 @@ def test_training_is_deterministic_given_seed():
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
 
 
-def _records():
-    trains, evals = [], []
-    for m, fam, b in (("baseline", "baseline", {"exact": 2.4}), ("vae", "vae", {"ELBO": 2.0, "IWAE-10": 1.9})):
-        trains.append({"model": m, "family": fam, "params": 10, "images_seen": 100, "train_flops": 1e9,
-                       "train_seconds": 1.0, "dataset": "digits", "seed": 0, "device": "cpu",
-                       "n_train": 1500, "n_test": 297, "levels": 17, "shape": [1, 8, 8],
-                       "batch_size": 128, "versions": {"torch": "x"}})
-        evals.append({"model": m, "bounds": {
-            k: {"bpd": v, "bpd_se": 0.01, "nats": v * 64 * math.log(2), "nats_se": 0.1, "n_examples": 297,
-                "terms_bpd": {"t": v}} for k, v in b.items()}})
-    def point(sampler, steps, nfe, fid, default):
-        return {"sampler": sampler, "steps": steps, "label": f"{sampler}, {nfe} steps", "default": default,
-                "nfe": nfe, "speed_batch": 8, "speed_repeats": 3, "sec_per_batch": 0.5, "samples_per_sec": 16.0,
-                "sec_per_sample": 1 / 16, "sample_seconds": 2.0, "metrics": [
-                    {"extractor": "classifier", "status": "ok", "fid": fid, "kid": 0.1, "kid_std": 0.01,
-                     "precision": 0.5, "recall": 0.6, "fid_torchmetrics": fid, "fid_rel_diff": 0.0},
-                    {"extractor": "inception-v3-compat", "status": "not available: no weights at w.pth"}]}
+SEEDS, FRACTIONS = (0, 1, 2), (0.5, 1.0)
 
-    samples = [{"model": m, "n_samples": 50, "reference": "train split (9 images)", "dataset": "digits",
-                "device": "cpu", "points": [point("ancestral", None, 1, fid, True)]
-                + ([point("ddim", 10, 10, 7.5, False)] if m == "vae" else [])}
-               for m, fid in (("baseline", 9.0), ("vae", 3.25))]
+
+def _bpd(model, estimator, seed, fraction):
+    """Made-up per-run bounds: distinct for every model, estimator, seed and fraction."""
+    base = {"exact": 2.4, "ELBO": 2.0, "IWAE-10": 1.9, "IWAE-2": 1.95}[estimator]
+    return base + (0.0 if model == "baseline" else 0.013 * seed ** 2 + 0.2 * (1 - fraction))
+
+
+def _fid(model, seed, fraction, nfe):
+    return (9.0 if model == "baseline" else 3.25) + 0.5 * seed + 2 * (1 - fraction) + 1 / nfe
+
+
+def _records():
+    """train/evaluate/sample records as the stages write them: baseline (closed form, 100%
+    only) and vae (seeds x fractions; IWAE-10 only at 100%), a ddim grid on vae seed 0."""
+    trains, evals, samples = [], [], []
+    for m, fam in (("baseline", "baseline"), ("vae", "vae")):
+        fr = (1.0,) if m == "baseline" else FRACTIONS
+        runs = [{"seed": s, "fraction": f, "images_seen": 0 if m == "baseline" else int(100 * f),
+                 "steps": 0 if m == "baseline" else int(10 * f),
+                 "train_flops": 0.0 if m == "baseline" else 1e9 * f, "train_seconds": 1.0 + s,
+                 "images_per_sec": 100.0, "final_loss": 1.0} for s in SEEDS for f in fr]
+        trains.append({"model": m, "family": fam, "params": 10, "dataset": "digits", "device": "cpu",
+                       "seeds": list(SEEDS), "fractions": list(fr), "n_train": 1500, "n_test": 297, "levels": 17,
+                       "shape": [1, 8, 8], "batch_size": 128, "versions": {"torch": "x"}, "runs": runs})
+        ests = ["exact"] if m == "baseline" else ["ELBO", "IWAE-2", "IWAE-10"]
+        evals.append({"model": m, "runs": [{**{k: r[k] for k in ("seed", "fraction", "images_seen", "train_flops")},
+                                            "bounds": {e: {"bpd": (v := _bpd(m, e, r["seed"], r["fraction"])),
+                                                           "bpd_se": 0.01 * (1 + r["seed"]),
+                                                           "nats": v * 64 * math.log(2), "nats_se": 0.1,
+                                                           "n_examples": 297, "terms_bpd": {"t": v}}
+                                                       for e in ests if e != "IWAE-10" or r["fraction"] == 1.0}}
+                                           for r in runs]})
+
+        def point(r, sampler, nfe, headline):
+            fid = _fid(m, r["seed"], r["fraction"], nfe)
+            return {**{k: r[k] for k in ("seed", "fraction", "images_seen", "train_flops")}, "sampler": sampler,
+                    "steps": None if sampler == "ancestral" else nfe, "label": f"{sampler}, {nfe} steps",
+                    "headline": headline, "nfe": nfe, "speed_batch": 8, "speed_repeats": 3, "sec_per_batch": 0.5,
+                    "samples_per_sec": 16.0 + r["seed"], "sec_per_sample": 1 / 16, "sample_seconds": 2.0,
+                    "metrics": [{"extractor": "classifier", "status": "ok", "fid": fid, "kid": 0.1, "kid_std": 0.01,
+                                 "precision": 0.5, "recall": 0.6, "fid_torchmetrics": fid, "fid_rel_diff": 0.0},
+                                {"extractor": "inception-v3-compat", "status": "not available: no weights at w.pth"}]}
+        samples.append({"model": m, "n_samples": 50, "reference": "train split (9 images)", "dataset": "digits",
+                        "device": "cpu", "points": [p for r in runs for p in [point(r, "ancestral", 1, True)] + (
+                            [point(r, "ddim", 10, False)] if m == "vae" and r["seed"] == 0 and r["fraction"] == 1.0
+                            else [])]})
     return trains, evals, samples
 
 
-def test_tables_pick_the_tightest_bound_and_carry_provenance():
+def _tables():
     trains, evals, samples = _records()
-    nll = report.nll_table(evals)
-    assert list(nll["estimator"]) == ["exact", "ELBO", "IWAE-10"]
-    sampling = report.sampling_table(samples)
-    assert len(sampling) == 6 and sampling["fid"].isna().sum() == 3
-    assert list(report.fid_vs_nfe(sampling)["fid"]) == [9.0, 3.25, 7.5]
-    comp = report.comparison_table(trains, nll, sampling)
+    tr, nll_runs, sampling = report.train_runs(trains), report.nll_runs(evals), report.sampling_runs(samples)
+    runs = report.runs_table(tr, nll_runs, sampling)
+    matched = report.check_matched(tr[tr["fraction"] == 1.0].to_dict("records"), 100, False)
+    return trains, runs, nll_runs, sampling, report.comparison_table(runs, matched)
+
+
+def test_tables_report_mean_and_std_over_seeds_of_the_per_seed_numbers():
+    import statistics
+
+    trains, runs, nll_runs, sampling, comp = _tables()
+    assert len(runs) == 3 + 6 and len(sampling) == 2 * (3 + 6 + 1)
     row = comp.set_index("model").loc["vae"]
-    assert row["bpd"] == 1.9 and row["bpd_estimator"] == "IWAE-10"
-    assert row["fid"] == 3.25 and row["fid_extractor"] == "classifier"
-    assert row["fid_inception"] == "not available: no weights at w.pth"
-    assert row["samples_per_sec"] == 16.0 and row["nfe"] == 1  # the default sampler's row
-    md = report.markdown(comp, nll, sampling, report.provenance(trains, 100))
+    bpd = [_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS]  # the tightest estimator at 100%
+    fid = [_fid("vae", s, 1.0, 1) for s in SEEDS]         # the headline sampler, not the grid
+    assert row["bpd_estimator"] == "IWAE-10" and row["seeds"] == 3
+    assert row["bpd"] == pytest.approx(statistics.mean(bpd)) and row["bpd_std"] == pytest.approx(statistics.stdev(bpd))
+    assert row["bpd_se"] == pytest.approx(0.02)  # mean of the runs' SEs 0.01, 0.02, 0.03
+    assert row["fid"] == pytest.approx(statistics.mean(fid)) and row["fid_std"] == pytest.approx(statistics.stdev(fid))
+    assert row["samples_per_sec"] == pytest.approx(17.0) and row["samples_per_sec_std"] == pytest.approx(1.0)
+    assert row["train_seconds_std"] == pytest.approx(1.0) and row["images_seen"] == 100
+    assert row["fid_inception"] == "not available: no weights at w.pth" and row["matched"] == "yes"
+    base = comp.set_index("model").loc["baseline"]
+    assert base["bpd_std"] == 0 and base["matched"] == "closed form"
+    # pandas' own mean/std on the raw per-seed rows of results/runs.csv agree
+    final = runs[runs["fraction"] == 1.0].groupby("model", sort=False)
+    assert comp.set_index("model")["bpd_std"].tolist() == pytest.approx(final["bpd"].std().tolist())
+    nll = report.nll_table(nll_runs).set_index(["model", "estimator"])
+    assert nll.loc[("vae", "ELBO"), "bpd_std"] == pytest.approx(statistics.stdev(_bpd("vae", "ELBO", s, 1) for s in SEEDS))
+    assert list(nll.index) == [("baseline", "exact"), ("vae", "ELBO"), ("vae", "IWAE-2"), ("vae", "IWAE-10")]
+    # the sweep follows one estimator (IWAE-2: the tightest computed at every checkpoint)
+    sweep = report.sweep_table(runs).set_index(["model", "fraction"])
+    assert (sweep.loc["vae", "estimator"] == "IWAE-2").all()
+    half = [_bpd("vae", "IWAE-2", s, 0.5) for s in SEEDS]
+    assert sweep.loc[("vae", 0.5), "bpd"] == pytest.approx(statistics.mean(half))
+    assert sweep.loc[("vae", 0.5), "bpd_std"] == pytest.approx(statistics.stdev(half))
+    assert sweep.loc[("vae", 0.5), "images_seen"] == 50 and sweep.loc[("vae", 1.0), "train_flops"] == 1e9
+    assert list(report.fid_vs_nfe(sampling)["fid"]) == [_fid("baseline", 0, 1.0, 1), _fid("vae", 0, 1.0, 1),
+                                                        _fid("vae", 0, 1.0, 10)]  # seed 0 only
+    md = report.markdown(comp, report.nll_table(nll_runs), report.sweep_table(runs), sampling,
+                         report.provenance(trains, 100))
     assert "dataset: digits" in md and "budget: 100 training images" in md and "versions: torch x" in md
-    assert "1.9000 ± 0.0100" in md and "3.2500" in md and "not available: no weights at w.pth" in md
+    assert "3 seeds (0, 1, 2)" in md and "checkpoints at 50%, 100%" in md
+    assert f"{statistics.mean(bpd):.4f} ± {statistics.stdev(bpd):.4f}" in md
+    assert "not available: no weights at w.pth" in md
 
 
 def test_ema_weights_are_the_exponential_average_of_the_trajectory():
@@ -147,28 +203,27 @@ def test_evaluated_bpd_and_standard_error_match_an_independent_count_model():
 
 
 def test_unmatched_runs_are_refused_naming_the_models_unless_allowed():
-    trains, _, _ = _records()
-    closed = dict(trains[0], images_seen=0, train_flops=0.0)  # fitted in closed form: exempt
-    big = dict(trains[1], model="big", params=12)              # median of 10, 12, 10, 100 is 11: +9%
-    short = dict(trains[1], model="short", images_seen=50)
-    huge = dict(trains[1], model="huge", params=100)
-    recs = [closed, trains[1], big, short, huge]
+    run = {"model": "vae", "seed": 0, "params": 10, "images_seen": 100, "train_flops": 1e9}
+    closed = dict(run, model="baseline", images_seen=0, train_flops=0.0)  # fitted in closed form: exempt
+    big = dict(run, model="big", params=12)              # median of 10, 12, 10, 100 is 11: +9%
+    short = [dict(run, model="short"), dict(run, model="short", seed=1, images_seen=50)]
+    huge = dict(run, model="huge", params=100)
+    recs = [closed, run, dict(run, seed=1), big, *short, huge]
     with pytest.raises(report.UnmatchedError) as e:
         report.check_matched(recs, 100, allow_unmatched=False)
     msg = str(e.value)
-    assert "short (saw 50 images, budget 100)" in msg and "huge (100 params, outside ±10% of the median 11)" in msg
+    assert "short (seed 1 saw 50 images, budget 100)" in msg
+    assert "huge (100 params, outside ±10% of the median 11)" in msg
     assert "baseline" not in msg and "vae (" not in msg and "big (" not in msg
     col = report.check_matched(recs, 100, allow_unmatched=True)
     assert col["baseline"] == "closed form" and col["vae"] == "yes" and col["big"] == "yes"
-    assert col["short"].startswith("no: saw 50 images") and col["huge"].startswith("no: 100 params")
-    assert report.check_matched([closed, trains[1]], 100, allow_unmatched=False) == {
+    assert col["short"].startswith("no: seed 1 saw 50 images") and col["huge"].startswith("no: 100 params")
+    assert report.check_matched([closed, run], 100, allow_unmatched=False) == {
         "baseline": "closed form", "vae": "yes"}
 
 
 def test_latex_table_is_a_booktabs_tabular_with_one_row_per_model():
-    trains, evals, samples = _records()
-    nll, sampling = report.nll_table(evals), report.sampling_table(samples)
-    comp = report.comparison_table(trains, nll, sampling, report.check_matched(trains, 100, False))
+    comp = _tables()[-1]
     tex = report.latex(comp, "digits, 100 images: bits/dim and FID")
     assert "\\begin{tabular}" in tex and "\\end{tabular}" in tex and "\\caption{digits, 100 images" in tex
     body = tex[tex.index("\\midrule") + len("\\midrule"): tex.index("\\bottomrule")].strip().splitlines()
@@ -178,4 +233,5 @@ def test_latex_table_is_a_booktabs_tabular_with_one_row_per_model():
     for row, model in zip(body, comp["model"]):
         cells = [c.strip() for c in row.rstrip("\\").rstrip().rstrip("\\").split("&")]
         assert len(cells) == cols and cells[0] == model
-    assert "1.900 $\\pm$ 0.010" in body[1] and "IWAE-10" in body[1]
+    r = comp.set_index("model").loc["vae"]
+    assert f"{r['bpd']:.3f} $\\pm$ {r['bpd_std']:.3f}" in body[1] and "IWAE-10" in body[1]

@@ -45,14 +45,17 @@ def build(name: str, *, shape: tuple[int, int, int], levels: int, **overrides: A
     return model
 
 
-def save(model: Model, path: str | Path, **extra: Any) -> None:
-    """Checkpoint: weights plus everything needed to rebuild the model (atomic write)."""
+def save(model: Model, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+         **extra: Any) -> None:
+    """Checkpoint: weights (the model's, or `state_dict`) plus everything needed to rebuild
+    the model (atomic write)."""
+    weights = model.state_dict() if state_dict is None else state_dict
     state = {
         "name": model.name,
         "shape": list(model.shape),
         "levels": model.levels,
         "config": dataclasses.asdict(model.cfg),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in weights.items()},
         "versions": versions(),
         **extra,
     }

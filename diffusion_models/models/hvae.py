@@ -76,7 +76,9 @@ class HVAE(LatentVariableModel):
         coarse_layers: int = 3       # top stochastic layers, at the coarsest scale (<= 4x4)
         fine_layers: int = 1         # bottom stochastic layers, at full resolution
         min_log_scale: float = -7.0  # floor of the decoder's logistic log-scale
-        kl_warmup: int = 1000        # training steps over which the KL weight beta ramps 0 -> 1
+        kl_warmup: int = 250         # training steps over which the KL weight beta ramps 0 -> 1
+                                     # (digits, 150k images at batch 128: IWAE-100 1.839 bits/dim
+                                     # with 250, 1.864 with 500, 1.912 with 1000; seed 0)
 
     def __init__(self, shape, levels, cfg):
         super().__init__(shape, levels, cfg)
