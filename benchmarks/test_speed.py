@@ -11,7 +11,7 @@ import torch
 
 from diffusion_models import models
 from diffusion_models.config import EvalConfig, TrainConfig
-from diffusion_models.train import measure_flops
+from diffusion_models.train import clip_gradients, make_optimizer, measure_flops
 
 SHAPE, LEVELS = (1, 8, 8), 17
 BATCH = TrainConfig().batch_size
@@ -66,15 +66,17 @@ def test_train_step(benchmark, peak, name, precision):
     PyTorch's FLOP counter), achieved FLOP/s and its fraction of the fp32 matmul peak."""
     m = _model(name)
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3)
+    cfg = TrainConfig()
+    opt = make_optimizer(params, cfg)
     x = torch.randint(0, LEVELS, (BATCH, *SHAPE))
     flops = measure_flops(m, x) * BATCH
 
-    def step():
+    def step():  # as train.train takes it
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = m.loss(x)
         loss.backward()
+        clip_gradients(params, cfg.grad_clip)
         opt.step()
 
     benchmark.extra_info.update(images_per_call=BATCH, flops_per_call=flops, peak_fp32=peak["fp32"],
@@ -149,20 +151,29 @@ NO_COMPILE = pytest.mark.xfail(reason="torch.compile cannot trace VDM's torch.au
 
 @pytest.mark.parametrize("name, variant", [
     (n, v) if (n, v) != ("vdm", "compile") else pytest.param(n, v, marks=NO_COMPILE)
-    for n in ("ddpm", "vdm", "vae") for v in ("default", "channels_last", "threads1", "compile")])
+    for n in ("ddpm", "vdm", "vae")
+    for v in ("default", "loop_adam", "channels_last", "threads1", "compile")])
 def test_train_step_settings(benchmark, name, variant):
-    """Settings tried side by side against the default fp32 training step (keep what pays)."""
+    """Settings tried side by side against the default fp32 training step (keep what pays).
+    default: train.train's step (fused Adam, multi-tensor gradient clipping); loop_adam:
+    PyTorch's CPU default before (Adam and clipping as Python loops over the parameters)."""
     m = _model(name)
     x = torch.randint(0, LEVELS, (BATCH, *SHAPE))
     if variant == "channels_last":
         m = m.to(memory_format=torch.channels_last)
     loss_fn = torch.compile(m.loss) if variant == "compile" else m.loss
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    params = [p for p in m.parameters() if p.requires_grad]
+    cfg = TrainConfig()
+    opt = torch.optim.Adam(params, lr=cfg.lr) if variant == "loop_adam" else make_optimizer(params, cfg)
     threads = torch.get_num_threads()
 
     def step():
         opt.zero_grad(set_to_none=True)
         loss_fn(x).backward()
+        if variant == "loop_adam":
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False)
+        else:
+            clip_gradients(params, cfg.grad_clip)
         opt.step()
 
     if variant == "threads1":

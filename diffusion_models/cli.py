@@ -449,11 +449,16 @@ def compare(cfg: Config) -> None:
     nll_runs, sampling = report.nll_runs(evals), report.sampling_runs(samples)
     runs = report.runs_table(tr, nll_runs, sampling)
     comp, nll, sweep = report.comparison_table(runs, matched), report.nll_table(nll_runs), report.sweep_table(runs)
-    caption = report.provenance(trains, cfg.train.images)
+    provenance = report.provenance(trains, cfg.train.images)
+    n, seeds = int(sampling["n_samples"].iloc[0]), run_seeds(cfg)
+    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, mean ± standard "
+               f"deviation over {len(seeds)} seeds: tightest bound on the test split (bits/dim, estimator per "
+               f"row) and FID of {n:,} samples ({report.PRIMARY_EXTRACTOR} features) against the training "
+               "split, headline sampler with NFE per row.")
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
     for df in (comp, nll, sweep, runs, sampling):
         df["budget_images"], df["versions"] = cfg.train.images, versions_str
-    nll["dataset"] = cfg.data.name
+    nll["dataset"], comp["caption"] = cfg.data.name, caption
     tables = {"comparison.csv": comp, "nll.csv": nll, "budget_sweep.csv": sweep, "runs.csv": runs,
               "sampling.csv": sampling}
     for fname, df in tables.items():
@@ -463,20 +468,14 @@ def compare(cfg: Config) -> None:
     write_text(RESULTS / "timings.csv", timings.to_csv(index=False))
     points = report.fid_vs_nfe(sampling)
     write_text(RESULTS / "fid_vs_nfe.csv", points.to_csv(index=False))
-    n = int(sampling["n_samples"].iloc[0])
-    seeds = run_seeds(cfg)
     report.plot_fid_vs_nfe(points, str(RESULTS / "fid_vs_nfe.png"),
                            f"{cfg.data.name}: FID ({report.PRIMARY_EXTRACTOR}, {n:,} samples) against NFE; "
                            f"budget {cfg.train.images:,} images, seed {seeds[0]}")
     report.plot_budget_sweep(sweep, str(RESULTS / "budget_sweep.png"),
                              f"{cfg.data.name}: test bits/dim and FID ({n:,} samples) against training "
                              f"compute; mean ± std over {len(seeds)} seeds")
-    write_text(RESULTS / "comparison.tex", report.latex(comp, (
-        f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, mean $\\pm$ standard "
-        f"deviation over {len(seeds)} seeds: tightest bound on the test split (bits/dim, estimator per row) "
-        f"and FID of {n:,} samples ({report.PRIMARY_EXTRACTOR} features) against the training split, "
-        f"headline sampler with NFE per row.")))
-    text = report.markdown(comp, nll, sweep, sampling, caption, timings)
+    write_text(RESULTS / "comparison.tex", report.latex(comp, caption.replace("±", "$\\pm$")))
+    text = report.markdown(comp, nll, sweep, sampling, provenance, timings)
     write_text(RESULTS / "comparison.md", text)
     print(text)
 

@@ -131,6 +131,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     for seed in (0, 1):
         assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()
     assert "bpd.IWAE-4" in sh("dvc", "metrics", "show")
+    plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=tmp_path, env=env,
+                                      capture_output=True, text=True, check=True).stdout)["data"]
+    assert {"results/live/vae/plots/metrics/seed1/train/loss.tsv", "results/budget_sweep.csv",
+            "results/fid_vs_nfe.csv"} <= set(plots)
+    assert comp["caption"].str.startswith("digits, 256 training images per model and run, mean ± standard "
+                                          "deviation over 2 seeds").all()
     # nothing changed: everything is up to date
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
     # one model's override changes: only that model's stages (and compare) are stale
