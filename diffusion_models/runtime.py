@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +28,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device '{name}'; use auto, cpu or cuda[:N]")
     return dev
+
+
+def source_digest() -> str:
+    """SHA-1 of this package's source files: what a kept checkpoint or resume state must have
+    been made by (the same granularity as the stages' DVC dependency on the package)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def device_label(dev: torch.device) -> str:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .models.base import Model
-from .runtime import atomic_path
+from .runtime import atomic_path, source_digest
 
 
 class TrainingError(RuntimeError):
@@ -50,10 +50,11 @@ _NOT_IN_KEY = ("device", "threads", "log_every", "checkpoint_every", "seeds", "f
 
 def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
     """What a resume state or a kept checkpoint must match: the model, its config, the
-    training config (seed included) and the data."""
+    training config (seed included), the data, the package's code and torch's version."""
     train = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
     digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
-    return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest}
+    return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest,
+            "code_sha1": source_digest(), "torch": str(torch.__version__)}
 
 
 def _rng_states(gen: torch.Generator) -> dict[str, Any]:

@@ -59,6 +59,22 @@ def test_model_not_listed_in_params(tmp_path, monkeypatch, capsys):
     assert code == 2 and "model 'vae' is not listed under 'models'" in err
 
 
+def test_finished_runs_are_kept_only_when_made_by_the_same_code(tmp_path, monkeypatch, capsys):
+    params = {**TINY, "models": {"vae": {"width": 8}}}
+    for argv in (["prepare"], ["train", "vae"]):
+        assert run_cli(tmp_path, monkeypatch, capsys, params, *argv)[0] == 0
+    capsys.readouterr()
+    out = []
+    for patched in (False, True):
+        if patched:  # the package's code changed since: retrain
+            monkeypatch.setattr("diffusion_models.train.source_digest", lambda: "another version")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        assert main(["train", "vae"]) == 0
+        out.append(capsys.readouterr().out)
+    assert "vae seed 0: kept" in out[0] and "vae seed 1: kept" in out[0] and "trained vae" not in out[0]
+    assert "kept" not in out[1] and "trained vae seed 0" in out[1] and "trained vae seed 1" in out[1]
+
+
 def _copy_repo(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
