@@ -29,6 +29,7 @@ from . import config as config_mod
 from . import data, models, report
 from .config import Config, ConfigError
 from .quality import QualityError
+from .train import TrainingError
 from .runtime import device_label, read_json, resolve_device, seed_everything, versions, write_json, write_text
 
 PREPARED = Path("data/prepared")
@@ -148,8 +149,8 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     wanted = {checkpoint_path(name, s, f) for s in seeds for f in fractions}
     metrics_dir = LIVE / name / "plots" / "metrics"
     if rank == 0:  # what an earlier run with other seeds or fractions left behind
-        for old in sorted((CHECKPOINTS / name).glob("*.pt")):
-            if old not in wanted:
+        for old in sorted((CHECKPOINTS / name).glob("*.pt")) + sorted((CHECKPOINTS / name).glob(".*.tmp")):
+            if old not in wanted:  # other seeds or fractions, or a write cut short by a kill
                 old.unlink()
         for old in sorted(metrics_dir.glob("*")):
             if old.name not in {f"seed{s}" for s in seeds}:
@@ -158,11 +159,15 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                 if rank == 0 else contextlib.nullcontext())
     runs = []
     with live_ctx as live:
+        if live is not None:
+            live.log_params({"model": name, "seeds": seeds, "fractions": fractions,
+                             "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
+                             "model_config": dataclasses.asdict(build().cfg)})
         for seed in seeds:
             tcfg = dataclasses.replace(cfg.train, seed=seed)
             seed_everything(seed)
             model = build()
-            key = run_key(model, images, tcfg)
+            key = run_key(model, images, tcfg, processes=world)
             resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
                         "model": dataclasses.asdict(model.cfg)}
             kept = {f: _kept_run(checkpoint_path(name, seed, f), key) for f in fractions}
@@ -174,9 +179,10 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
             steps = snapshot_steps(tcfg, fractions)
             resume = Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every) if world == 1 else None
             if resume is not None and resume.path.is_file():
-                at = torch.load(resume.path, weights_only=True)["step"]
-                if any(st <= at and kept[f] is None for st, f in steps.items()):  # a snapshot is gone
-                    resume.path.unlink()
+                state = torch.load(resume.path, weights_only=True)
+                at = state["step"]
+                if state.get("key") != key or any(st <= at and kept[f] is None for st, f in steps.items()):
+                    resume.path.unlink()  # another run's state, or a snapshot it passed is gone
                 else:  # the curve continues; drop points logged after the saved state
                     _truncate_live(metrics_dir / f"seed{seed}", at)
             if rank == 0 and not (resume is not None and resume.path.is_file()):
@@ -194,8 +200,6 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                     models.save(model, checkpoint_path(name, seed, steps[result.steps]), state_dict=weights,
                                 resolved=resolved, train=result.as_dict(), run_key=key)
 
-            if live is not None and seed == seeds[0]:
-                live.log_params({"model": name, "seeds": seeds, "fractions": fractions, **resolved})
             result = fit(model, images, tcfg, log=log if live is not None else None,
                          progress=sys.stderr.isatty() and rank == 0, resume=resume,
                          snapshot=(set(steps), snapshot))
@@ -451,8 +455,8 @@ def compare(cfg: Config) -> None:
     comp, nll, sweep = report.comparison_table(runs, matched), report.nll_table(nll_runs), report.sweep_table(runs)
     provenance = report.provenance(trains, cfg.train.images)
     n, seeds = int(sampling["n_samples"].iloc[0]), run_seeds(cfg)
-    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, mean ± standard "
-               f"deviation over {len(seeds)} seeds: tightest bound on the test split (bits/dim, estimator per "
+    over = f"mean ± standard deviation over {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]})"
+    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, {over}: tightest bound on the test split (bits/dim, estimator per "
                f"row) and FID of {n:,} samples ({report.PRIMARY_EXTRACTOR} features) against the training "
                "split, headline sampler with NFE per row.")
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
@@ -473,7 +477,7 @@ def compare(cfg: Config) -> None:
                            f"budget {cfg.train.images:,} images, seed {seeds[0]}")
     report.plot_budget_sweep(sweep, str(RESULTS / "budget_sweep.png"),
                              f"{cfg.data.name}: test bits/dim and FID ({n:,} samples) against training "
-                             f"compute; mean ± std over {len(seeds)} seeds")
+                             f"compute; {over}")
     write_text(RESULTS / "comparison.tex", report.latex(comp, caption.replace("±", "$\\pm$")))
     text = report.markdown(comp, nll, sweep, sampling, provenance, timings)
     write_text(RESULTS / "comparison.md", text)
@@ -533,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             compare(cfg)
         elif args.cmd == "fetch":
             fetch(args.dataset, cfg.data.root)
-    except (ConfigError, data.DataError, StageError, QualityError, report.UnmatchedError, KeyError,
-            FileNotFoundError, ValueError) as e:
+    except (ConfigError, data.DataError, StageError, QualityError, TrainingError, report.UnmatchedError,
+            KeyError, FileNotFoundError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

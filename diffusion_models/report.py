@@ -110,7 +110,7 @@ def comparison_table(runs: pd.DataFrame, matched: dict[str, str] | None = None) 
     g = final.groupby("model", sort=False)
     agg = _mean_std(g, ["bpd", "fid", "samples_per_sec", "train_seconds", "fid_inception"])
     first = g.first()
-    inception = [f"{m:.4f} ± {s:.4f}" if st == "ok" else st for m, s, st in
+    inception = [_pm(m, s, ".4f") if st == "ok" else st for m, s, st in
                  zip(agg["fid_inception"], agg["fid_inception_std"], first["inception_status"])]
     out = first.assign(
         seeds=g["seed"].nunique(), images_seen=g["images_seen"].max(), train_flops=g["train_flops"].mean(),

@@ -5,6 +5,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .models.base import Model
-from .runtime import atomic_path, source_digest
+from .runtime import atomic_path, device_label, source_digest
 
 
 class TrainingError(RuntimeError):
@@ -43,18 +44,21 @@ class Resume:
     every: int  # steps between saved states
 
 
-# TrainConfig fields that do not change what one run computes (device and threads change the
-# float rounding only; seeds and fractions choose which runs and snapshots exist)
-_NOT_IN_KEY = ("device", "threads", "log_every", "checkpoint_every", "seeds", "fractions")
+# TrainConfig fields that do not change what one run computes or reports (the device and
+# threads are in the key as resolved; seeds and fractions choose which runs and snapshots exist)
+_NOT_IN_KEY = ("device", "threads", "checkpoint_every", "seeds", "fractions")
 
 
-def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
+def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
     """What a resume state or a kept checkpoint must match: the model, its config, the
-    training config (seed included), the data, the package's code and torch's version."""
+    training config (seed included), the data, the package's code, torch's version, and
+    where it ran (device with thread count, data-parallel processes), which its timings and
+    rounding depend on."""
     train = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
     digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
     return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest,
-            "code_sha1": source_digest(), "torch": str(torch.__version__)}
+            "code_sha1": source_digest(), "torch": str(torch.__version__),
+            "device": device_label(images.device), "processes": processes}
 
 
 def _rng_states(gen: torch.Generator) -> dict[str, Any]:
@@ -128,10 +132,21 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
 
 
 def snapshot_steps(cfg: TrainConfig, fractions: list[float]) -> dict[int, float]:
-    """{step: fraction}: the first step at which at least fraction x the budget has been seen."""
+    """{step: fraction}: the first step at which at least fraction x the budget has been seen
+    (exact arithmetic on the fraction as written). Fractions that would share a step, or a
+    fraction below 1 that only the last step reaches, are an error naming them."""
     sizes = batch_sizes(cfg.images, cfg.batch_size)
     seen = torch.tensor(sizes).cumsum(0)
-    return {int(torch.searchsorted(seen, math.ceil(f * cfg.images))) + 1: f for f in sorted(fractions)}
+    out: dict[int, float] = {}
+    for f in sorted(set(fractions)):
+        step = int(torch.searchsorted(seen, math.ceil(Fraction(str(f)) * cfg.images))) + 1
+        if step in out or (f < 1 and step == len(sizes)):
+            other = out.get(step, 1.0)
+            raise TrainingError(f"train.fractions {other} and {f} both fall on step {step} of {len(sizes)} "
+                                f"({cfg.images} images at batch {cfg.batch_size}): use fewer or wider-spaced "
+                                "fractions, or a larger budget")
+        out[step] = f
+    return out
 
 
 def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,

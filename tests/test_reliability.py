@@ -119,6 +119,38 @@ def test_dvc_repro_after_the_training_process_is_killed_resumes(tmp_path):
     assert [r["images_seen"] for r in record["runs"]] == [64 * 1000, 64 * 2000] and not state.exists()
 
 
+def test_a_resume_state_of_another_run_is_discarded_with_its_curve(tmp_path, monkeypatch):
+    """A run stopped mid-way leaves its state; then the params change (here lr): the new run
+    starts from step 1, and its learning curve has each step once, all from the new run."""
+    import diffusion_models.train as train_mod
+    from diffusion_models.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    params = {**PARAMS, "train": {**PARAMS["train"], "images": 64 * 40, "checkpoint_every": 5, "log_every": 1,
+                                  "fractions": [1.0]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["prepare"]) == 0
+    clip, calls = train_mod.clip_gradients, [0]
+
+    def stop_at_step_12(*args):
+        calls[0] += 1
+        if calls[0] == 12:
+            raise KeyboardInterrupt
+        clip(*args)
+
+    monkeypatch.setattr(train_mod, "clip_gradients", stop_at_step_12)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "vae"])
+    assert torch.load(tmp_path / "results" / "resume" / "vae" / "seed3.pt", weights_only=True)["step"] == 10
+    monkeypatch.setattr(train_mod, "clip_gradients", clip)
+    params["train"]["lr"] = 1e-4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["train", "vae"]) == 0
+    tsv = tmp_path / "results" / "live" / "vae" / "plots" / "metrics" / "seed3" / "train" / "loss.tsv"
+    steps = [int(line.split("\t")[0]) for line in tsv.read_text().splitlines()[1:]]
+    assert steps == list(range(1, 41))
+
+
 def test_nan_stops_training_and_keeps_the_last_good_state(tmp_path):
     m = _Linear((1, 4, 4), 17, _Linear.Config(nan_at=8))  # the flop count makes call 1; NaN at step 8
     m.name = "lin"

@@ -8,13 +8,24 @@ import torch
 from diffusion_models import models, report
 from diffusion_models.config import TrainConfig
 from diffusion_models.models.base import Model
-from diffusion_models.train import TrainingError, batch_sizes, measure_flops, train
+from diffusion_models.train import TrainingError, batch_sizes, measure_flops, snapshot_steps, train
 
 
 @pytest.mark.parametrize("images, bs", [(1000, 128), (128, 128), (5, 128), (1024, 64)])
 def test_budget_is_exact(images, bs):
     sizes = batch_sizes(images, bs)
     assert sum(sizes) == images and max(sizes) <= bs
+
+
+def test_snapshot_steps_are_the_first_steps_past_each_fraction():
+    cfg = TrainConfig(images=1000, batch_size=128)  # steps of 128 images, the 8th of 104
+    assert snapshot_steps(cfg, [0.25, 0.5, 1.0]) == {2: 0.25, 4: 0.5, 8: 1.0}  # 250 -> 256, 500 -> 512
+    # 0.56 * 24000 is 13440.000000000002 in floats; exactly 13440 = 105 full batches
+    assert snapshot_steps(TrainConfig(images=24000, batch_size=128), [0.56, 1.0]) == {105: 0.56, 188: 1.0}
+    with pytest.raises(TrainingError, match=r"train.fractions 0.25 and 0.5 both fall on step 1 of 2"):
+        snapshot_steps(TrainConfig(images=128, batch_size=64), [0.25, 0.5, 1.0])
+    with pytest.raises(TrainingError, match=r"train.fractions 1.0 and 0.75 both fall on step 2 of 2"):
+        snapshot_steps(TrainConfig(images=128, batch_size=64), [0.75, 1.0])
 
 
 class _Linear(Model):
@@ -233,5 +244,17 @@ def test_latex_table_is_a_booktabs_tabular_with_one_row_per_model():
     for row, model in zip(body, comp["model"]):
         cells = [c.strip() for c in row.rstrip("\\").rstrip().rstrip("\\").split("&")]
         assert len(cells) == cols and cells[0] == model
-    r = comp.set_index("model").loc["vae"]
-    assert f"{r['bpd']:.3f} $\\pm$ {r['bpd_std']:.3f}" in body[1] and "IWAE-10" in body[1]
+    import statistics
+
+    bpd = [_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS]
+    assert f"{statistics.mean(bpd):.3f} $\\pm$ {statistics.stdev(bpd):.3f}" in body[1] and "IWAE-10" in body[1]
+
+
+def test_one_seed_reports_the_mean_alone():
+    trains, runs, nll_runs, sampling, _ = _tables()
+    one = report.comparison_table(runs[runs["seed"] == 0])
+    assert one["bpd_std"].isna().all() and (one["seeds"] == 1).all()
+    md = report.markdown(one, report.nll_table(nll_runs[nll_runs["seed"] == 0]), report.sweep_table(runs[runs["seed"] == 0]),
+                         sampling, report.provenance(trains, 100))
+    assert "nan" not in md and "one seed" in md
+    assert "nan" not in report.latex(one, "one seed")
