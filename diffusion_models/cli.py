@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,8 +30,9 @@ from . import config as config_mod
 from . import data, models, report
 from .config import Config, ConfigError
 from .quality import QualityError
-from .train import TrainingError
 from .runtime import device_label, read_json, resolve_device, seed_everything, versions, write_json, write_text
+from .train import Resume, TrainingError, run_key, snapshot_steps
+from .train import train as fit
 
 PREPARED = Path("data/prepared")
 CHECKPOINTS = Path("results/checkpoints")
@@ -114,6 +116,21 @@ def _kept_run(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return state["train"] if state.get("run_key") == key else None
 
 
+def _prepare_resume(resume: Resume | None, steps: dict[int, float], done: dict[float, Any], curve: Path) -> bool:
+    """Whether the run continues from `resume`'s saved state: only a state of this very run
+    (same key) whose passed snapshots are all on disk; any other state is deleted. When it
+    continues, the learning curve is cut back to the state's step."""
+    if resume is None or not resume.path.is_file():
+        return False
+    state = torch.load(resume.path, weights_only=True)
+    at = state["step"]
+    if state.get("key") != resume.key or any(st <= at and f not in done for st, f in steps.items()):
+        resume.path.unlink()  # another run's state, or a snapshot it passed is gone
+        return False
+    _truncate_live(curve, at)
+    return True
+
+
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -128,9 +145,6 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     seed and data) is kept, so a stage killed mid-way loses nothing already trained."""
     from dvclive import Live
 
-    from .train import Resume, run_key, snapshot_steps
-    from .train import train as fit
-
     overrides = _model_overrides(cfg, name)
     train_ds = data.load_prepared(PREPARED / "train.npz")
     meta = read_json(PREPARED / "meta.json")
@@ -144,7 +158,8 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     images = _to_tensor(train_ds, dev)
     build = lambda: models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)  # noqa: E731
     seeds = run_seeds(cfg)
-    trainable = any(p.requires_grad for p in build().parameters())
+    probe = build()
+    trainable = any(p.requires_grad for p in probe.parameters())
     fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
     wanted = {checkpoint_path(name, s, f) for s in seeds for f in fractions}
     metrics_dir = LIVE / name / "plots" / "metrics"
@@ -162,7 +177,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
         if live is not None:
             live.log_params({"model": name, "seeds": seeds, "fractions": fractions,
                              "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
-                             "model_config": dataclasses.asdict(build().cfg)})
+                             "model_config": dataclasses.asdict(probe.cfg)})
         for seed in seeds:
             tcfg = dataclasses.replace(cfg.train, seed=seed)
             seed_everything(seed)
@@ -170,48 +185,38 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
             key = run_key(model, images, tcfg, processes=world)
             resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
                         "model": dataclasses.asdict(model.cfg)}
-            kept = {f: _kept_run(checkpoint_path(name, seed, f), key) for f in fractions}
-            if world == 1 and all(r is not None for r in kept.values()):
+            done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
+            if world == 1 and len(done) == len(fractions):
                 print(f"{name} seed {seed}: kept from an earlier identical run")
-                runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **r}
-                         for f, r in kept.items()]
-                continue
-            steps = snapshot_steps(tcfg, fractions)
-            resume = Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every) if world == 1 else None
-            if resume is not None and resume.path.is_file():
-                state = torch.load(resume.path, weights_only=True)
-                at = state["step"]
-                if state.get("key") != key or any(st <= at and kept[f] is None for st, f in steps.items()):
-                    resume.path.unlink()  # another run's state, or a snapshot it passed is gone
-                else:  # the curve continues; drop points logged after the saved state
-                    _truncate_live(metrics_dir / f"seed{seed}", at)
-            if rank == 0 and not (resume is not None and resume.path.is_file()):
-                shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
+            else:
+                steps = snapshot_steps(tcfg, fractions)
+                resume = (Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key)
+                          if world == 1 else None)
+                resuming = _prepare_resume(resume, steps, done, metrics_dir / f"seed{seed}")
+                if rank == 0 and not resuming:
+                    shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
 
-            def log(step: int, seen: int, loss: float, seed: int = seed) -> None:
-                live.step = step
-                live.log_metric(f"seed{seed}/train/loss", loss)
-                live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
-                live.next_step()
+                def log(step: int, seen: int, loss: float) -> None:
+                    live.step = step
+                    live.log_metric(f"seed{seed}/train/loss", loss)
+                    live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
+                    live.next_step()
 
-            def snapshot(weights: dict[str, torch.Tensor], result: Any, seed: int = seed, model: Any = model,
-                         key: Any = key, resolved: Any = resolved) -> None:
-                if rank == 0:
-                    models.save(model, checkpoint_path(name, seed, steps[result.steps]), state_dict=weights,
-                                resolved=resolved, train=result.as_dict(), run_key=key)
+                def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
+                    """This run's checkpoint at a budget fraction (rank 0 writes it)."""
+                    done[fraction] = result.as_dict()
+                    if rank == 0:
+                        models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
+                                    resolved=resolved, train=result.as_dict(), run_key=key)
 
-            result = fit(model, images, tcfg, log=log if live is not None else None,
-                         progress=sys.stderr.isatty() and rank == 0, resume=resume,
-                         snapshot=(set(steps), snapshot))
-            if rank != 0:
-                continue
-            models.save(model, checkpoint_path(name, seed, 1.0), resolved=resolved, train=result.as_dict(),
-                        run_key=key)
-            runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)),
-                      **(result.as_dict() if f == 1.0 else _kept_run(checkpoint_path(name, seed, f), key))}
+                result = fit(model, images, tcfg, log=log if live is not None else None,
+                             progress=sys.stderr.isatty() and rank == 0, resume=resume,
+                             snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
+                save(1.0, result)
+                print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
+                      f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
+            runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **done[f]}
                      for f in fractions]
-            print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
-                  f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
     if rank != 0:  # rank 0 writes the outputs
         return {}
     record = {
@@ -226,8 +231,8 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     write_json(TRAIN_RECORDS / f"{name}.json", record)
     final = [r for r in runs if r["fraction"] == 1.0]
     write_json(METRICS / f"{name}.train.json", {"params": model.num_params(), **{
-        k: sum(r[k] for r in final) / len(final)
-        for k in ("images_seen", "train_flops", "train_seconds", "images_per_sec")}})
+        k: statistics.fmean(r[k] for r in final) for k in ("images_seen", "train_flops", "train_seconds",
+                                                           "images_per_sec")}})
     return record
 
 
@@ -242,18 +247,19 @@ def _load_model(cfg: Config, name: str, dev: torch.device, path: str | Path) -> 
     return model.to(dev)
 
 
-def _trained_runs(cfg: Config, name: str) -> list[dict[str, Any]]:
-    """The runs (seed, fraction, checkpoint, training result) the train stage recorded."""
+def _train_record(cfg: Config, name: str) -> dict[str, Any]:
+    """What the train stage recorded for `name`, including its runs (seed, fraction,
+    checkpoint, training result); refused if params now give other seeds."""
     _model_overrides(cfg, name)
     rec = read_json(TRAIN_RECORDS / f"{name}.json")
     if rec["seeds"] != run_seeds(cfg):
         raise StageError(f"{TRAIN_RECORDS / name}.json has seeds {rec['seeds']}, params give "
                          f"{run_seeds(cfg)}: rerun the train stage")
-    return rec["runs"]
+    return rec
 
 
 def _run_fields(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: run[k] for k in ("seed", "fraction", "images_seen", "train_flops")}
+    return {k: run[k] for k in report.RUN_FIELDS}
 
 
 def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
@@ -262,7 +268,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     from .evaluate import evaluate_bounds
 
     dev = _setup_torch(cfg, device)
-    runs = _trained_runs(cfg, name)
+    runs = _train_record(cfg, name)["runs"]
     x = _to_tensor(data.load_prepared(PREPARED / "test.npz"), dev)
     out = []
     for run in runs:
@@ -280,8 +286,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     write_json(EVAL_RECORDS / f"{name}.json", record)
     final = [r["bounds"] for r in out if r["fraction"] == 1.0]
     write_json(METRICS / f"{name}.json", {  # mean over seeds of the final checkpoints
-        "bpd": {label: sum(b[label]["bpd"] for b in final) / len(final) for label in final[0]},
-        "bpd_se": {label: sum(b[label]["bpd_se"] for b in final) / len(final) for label in final[0]},
+        k: {label: statistics.fmean(b[label][k] for b in final) for label in final[0]} for k in ("bpd", "bpd_se")
     })
     return record
 
@@ -385,7 +390,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
 
     weights = {e: _extractor_weights(cfg, e) for e in quality.EXTRACTORS}  # fail before sampling
     dev = _setup_torch(cfg, device)
-    runs = _trained_runs(cfg, name)
+    runs = _train_record(cfg, name)["runs"]
     train_ds, ref_name = _reference(cfg)
     reference = quality.ImageSet(torch.from_numpy(train_ds.images).long(), train_ds.levels)
     s = cfg.sample
@@ -430,10 +435,9 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     record["stage_seconds"] = _stage_seconds()
     write_json(SAMPLE_RECORDS / f"{name}.json", record)
     final = [p for p in results if p["headline"] and p["fraction"] == 1.0]
-    mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
     write_json(METRICS / f"{name}.sample.json", {  # mean over seeds, headline sampler, final checkpoints
-        "samples_per_sec": mean([p["samples_per_sec"] for p in final]), "nfe": final[0]["nfe"],
-        **{k: {r["extractor"]: mean([q["metrics"][i][k] for q in final])
+        "samples_per_sec": statistics.fmean(p["samples_per_sec"] for p in final), "nfe": final[0]["nfe"],
+        **{k: {r["extractor"]: statistics.fmean(q["metrics"][i][k] for q in final)
                for i, r in enumerate(final[0]["metrics"]) if r["status"] == "ok"}
            for k in ("fid", "kid", "precision", "recall")}})
     return record
@@ -441,12 +445,9 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
 
 def compare(cfg: Config) -> None:
     names = list(cfg.models)
-    trains = [read_json(TRAIN_RECORDS / f"{m}.json") for m in names]
+    trains = [_train_record(cfg, m) for m in names]
     evals = [read_json(EVAL_RECORDS / f"{m}.json") for m in names]
     samples = [read_json(SAMPLE_RECORDS / f"{m}.json") for m in names]
-    for t in trains:
-        if t["seeds"] != run_seeds(cfg):
-            raise StageError(f"{t['model']} was trained with seeds {t['seeds']}, params give {run_seeds(cfg)}")
     tr = report.train_runs(trains)
     matched = report.check_matched(tr[tr["fraction"] == 1.0].to_dict("records"), cfg.train.images,
                                    cfg.compare.allow_unmatched)
@@ -456,9 +457,10 @@ def compare(cfg: Config) -> None:
     provenance = report.provenance(trains, cfg.train.images)
     n, seeds = int(sampling["n_samples"].iloc[0]), run_seeds(cfg)
     over = f"mean ± standard deviation over {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]})"
-    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, {over}: tightest bound on the test split (bits/dim, estimator per "
-               f"row) and FID of {n:,} samples ({report.PRIMARY_EXTRACTOR} features) against the training "
-               "split, headline sampler with NFE per row.")
+    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, {over}: tightest "
+               f"bound on the test split (bits/dim, estimator per row) and FID of {n:,} samples "
+               f"({report.PRIMARY_EXTRACTOR} features) against the training split, headline sampler with NFE "
+               "per row.")
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
     for df in (comp, nll, sweep, runs, sampling):
         df["budget_images"], df["versions"] = cfg.train.images, versions_str

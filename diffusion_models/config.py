@@ -117,10 +117,11 @@ class Config:
     )
 
 
-_POSITIVE = {"train.images", "train.batch_size", "evaluate.sweep_iwae_k", "sample.steps", "train.lr", "train.log_every", "train.checkpoint_every",
-             "evaluate.iwae_k", "evaluate.batch_size", "evaluate.chunk", "data.test_size",
-             "features.epochs", "features.width", "features.lr", "features.batch_size",
-             "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets", "sample.prc_neighborhood"}
+_POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", "train.checkpoint_every",
+             "evaluate.iwae_k", "evaluate.sweep_iwae_k", "evaluate.batch_size", "evaluate.chunk",
+             "data.test_size", "features.epochs", "features.width", "features.lr", "features.batch_size",
+             "sample.steps", "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets",
+             "sample.prc_neighborhood"}
 _NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema",
                  "evaluate.t_samples", "sample.eta"}
 

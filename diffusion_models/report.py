@@ -10,6 +10,7 @@ COMPARISON_COLUMNS = ["model", "family", "params", "seeds", "images_seen", "trai
                       "fid", "fid_std", "fid_extractor", "fid_inception", "sampler", "n_samples", "nfe",
                       "samples_per_sec", "samples_per_sec_std", "matched", "dataset", "device"]
 RUN_KEYS = ["model", "seed", "fraction"]
+RUN_FIELDS = ("seed", "fraction", "images_seen", "train_flops")  # what identifies a checkpoint in records
 PRIMARY_EXTRACTOR = "classifier"  # the `fid` column of the comparison: works offline, on any size
 INCEPTION = "inception-v3-compat"
 
@@ -31,8 +32,7 @@ def nll_runs(evals: list[dict[str, Any]]) -> pd.DataFrame:
     for ev in evals:
         for run in ev["runs"]:
             for label, b in run["bounds"].items():
-                row = {"model": ev["model"], "seed": run["seed"], "fraction": run["fraction"],
-                       "images_seen": run["images_seen"], "train_flops": run["train_flops"], "estimator": label,
+                row = {"model": ev["model"], **{k: run[k] for k in RUN_FIELDS}, "estimator": label,
                        "bpd": b["bpd"], "bpd_se": b["bpd_se"], "nats": b["nats"], "nats_se": b["nats_se"],
                        "n_test": b["n_examples"]}
                 row.update({f"term_{k}": v for k, v in b["terms_bpd"].items()})
@@ -51,8 +51,7 @@ def sampling_runs(samples: list[dict[str, Any]]) -> pd.DataFrame:
     for rec in samples:
         for p in rec["points"]:
             for m in p["metrics"]:
-                rows.append({"model": rec["model"], **{k: p[k] for k in ("seed", "fraction", "images_seen",
-                                                                         "train_flops")},
+                rows.append({"model": rec["model"], **{k: p[k] for k in RUN_FIELDS},
                              "sampler": p["label"], "sampler_name": p["sampler"],
                              "steps": p["steps"] if p["steps"] is not None else p["nfe"], "nfe": p["nfe"],
                              "headline": p["headline"], "n_samples": rec["n_samples"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+@functools.cache
 def source_digest() -> str:
     """SHA-1 of this package's source files: what a kept checkpoint or resume state must have
     been made by (the same granularity as the stages' DVC dependency on the package)."""

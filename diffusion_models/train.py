@@ -39,9 +39,11 @@ class TrainResult:
 
 @dataclass
 class Resume:
-    """Where and how often to keep the state needed to resume this run after a crash or kill."""
+    """Where and how often to keep the state needed to resume this run after a crash or kill,
+    and the run's key (`run_key`), which a saved state must match to be resumed."""
     path: Path
-    every: int  # steps between saved states
+    every: int               # steps between saved states
+    key: dict[str, Any]
 
 
 # TrainConfig fields that do not change what one run computes or reports (the device and
@@ -188,10 +190,9 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     window: list[float] = []
     seen, done, elapsed, final_loss = 0, 0, 0.0, math.nan
     saved = None  # step of the last resume state on disk
-    key = run_key(model, images, cfg) if resume is not None else None
     if resume is not None and resume.path.is_file():
         state = torch.load(resume.path, map_location=images.device, weights_only=True)
-        if state.get("key") == key:
+        if state.get("key") == resume.key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             if ema is not None:
@@ -242,7 +243,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
             snapshot[1](weights, TrainResult(seen, step, secs, seen / secs, flops_per_image,
                                              flops_per_image * seen, final_loss))
         if resume is not None and step % resume.every == 0 and step < len(sizes):
-            state = {"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
+            state = {"key": resume.key, "model": model.state_dict(), "opt": opt.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "rng": _rng_states(gen),
                      "perm": perm, "cursor": cursor, "window": window, "seen": seen, "step": step,
                      "elapsed": elapsed + time.perf_counter() - start, "final_loss": final_loss}

@@ -147,6 +147,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "mean ± std over 2 seeds" in md
     metrics = json.loads((results / "metrics" / "vae.json").read_text())
     assert set(metrics["bpd"]) == {"ELBO", "IWAE-2", "IWAE-4"}
+    # the stages' own means over seeds (dvc metrics) agree with compare's pandas means
+    metric = lambda m, kind: json.loads((results / "metrics" / f"{m}{kind}.json").read_text())  # noqa: E731
+    for m in ("vae", "ddpm"):
+        assert metric(m, "")["bpd"][comp.loc[m, "bpd_estimator"]] == pytest.approx(comp.loc[m, "bpd"], rel=1e-12)
+        assert metric(m, ".sample")["fid"]["classifier"] == pytest.approx(comp.loc[m, "fid"], rel=1e-12)
+        assert metric(m, ".train")["train_seconds"] == pytest.approx(comp.loc[m, "train_seconds"], rel=1e-12)
     for seed in (0, 1):
         assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()
     assert "bpd.IWAE-4" in sh("dvc", "metrics", "show")

@@ -14,7 +14,7 @@ import yaml
 
 from diffusion_models import models
 from diffusion_models.config import TrainConfig
-from diffusion_models.train import Resume, TrainingError, train
+from diffusion_models.train import Resume, TrainingError, run_key, train
 from test_train_report import _Linear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,8 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
             assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
         assert a["train"]["final_loss"] == b["train"]["final_loss"]
     # the learning curve has each step once, as in the uninterrupted run
-    curve = lambda d: (d / "results" / "live" / "vae" / "plots" / "metrics" / "seed3" / "train" / "loss.tsv").read_text()  # noqa: E731
+    loss_tsv = Path("results") / "live" / "vae" / "plots" / "metrics" / "seed3" / "train" / "loss.tsv"
+    curve = lambda d: (d / loss_tsv).read_text()  # noqa: E731
     assert curve(ref) == curve(work)
 
 
@@ -158,8 +159,8 @@ def test_nan_stops_training_and_keeps_the_last_good_state(tmp_path):
     path = tmp_path / "lin.resume.pt"
     with pytest.raises(TrainingError, match=rf"lin: non-finite loss nan at step 8 .*last good state \(step 6\) "
                                             rf"is kept in {path}"):
-        train(m, x, TrainConfig(images=64 * 20, batch_size=8, log_every=1), progress=False,
-              resume=Resume(path, every=3))
+        cfg = TrainConfig(images=64 * 20, batch_size=8, log_every=1)
+        train(m, x, cfg, progress=False, resume=Resume(path, every=3, key=run_key(m, x, cfg)))
     state = torch.load(path, weights_only=True)
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -171,8 +172,8 @@ def test_a_resume_state_of_another_config_is_ignored(tmp_path):
     def fit(seed, images):
         torch.manual_seed(0)
         m = models.build("vae", shape=(1, 8, 8), levels=17, width=8)
-        return train(m, x, TrainConfig(images=images, batch_size=16, seed=seed), progress=False,
-                     resume=Resume(path, every=2)), m
+        cfg = TrainConfig(images=images, batch_size=16, seed=seed)
+        return train(m, x, cfg, progress=False, resume=Resume(path, every=2, key=run_key(m, x, cfg))), m
 
     torch.save({"key": {"model": "other"}}, path)  # a stale state from some other run
     r, m = fit(1, 64)
