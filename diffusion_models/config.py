@@ -25,8 +25,11 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "digits"          # digits | mnist | cifar10
     root: str = "data/raw"        # where the real datasets' native files live (data.dvc)
-    split_seed: int = 0           # seed of the fixed train/test split (digits)
-    test_size: int = 297          # digits test split size (UCI digits: 1797 = 1500 + 297)
+    split_seed: int = 0           # seed of the fixed train/validation split
+    test_size: int = 297          # digits test split size (UCI digits: 1797 = 1500 + 297; the
+                                  # test images are fixed: drawn with seed 0 whatever split_seed)
+    val_size: int | None = None   # validation images carved from the training images; None: the
+                                  # dataset's default (digits 300, mnist/cifar10 5000)
 
 
 @dataclass
@@ -57,6 +60,8 @@ class EvalConfig:
                                   # (the end of the budget too), so one estimator spans the curve
     t_samples: int = 50           # diffusion: stratified times per example for the Monte Carlo
                                   # estimate of the sum over t (0 = exact sum over all T terms)
+    t_spacing: str = "log"        # discrete-time strata of t: 'log' (the lowest t summed exactly,
+                                  # geometric widths above) | 'uniform' (equal widths)
     batch_size: int = 64          # test examples per bound evaluation batch
     chunk: int = 4096             # max (examples x samples) per network pass
     seed: int = 0
@@ -200,6 +205,10 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"train.seeds must be >= 1 (or null for the dataset default), got {cfg.train.seeds!r}")
     if not all(0 < f <= 1 for f in cfg.train.fractions):
         raise ConfigError(f"train.fractions must lie in (0, 1], got {cfg.train.fractions!r}")
+    if cfg.evaluate.t_spacing not in ("log", "uniform"):
+        raise ConfigError(f"evaluate.t_spacing must be 'log' or 'uniform', got {cfg.evaluate.t_spacing!r}")
+    if not 0 <= cfg.sample.eta <= 1:
+        raise ConfigError(f"sample.eta must lie in [0, 1] (0: DDIM, 1: DDPM-like noise), got {cfg.sample.eta!r}")
     if cfg.train.ema >= 1:
         raise ConfigError(f"train.ema must be < 1, got {cfg.train.ema!r}")
     if not cfg.models:

@@ -46,6 +46,7 @@ class Spec:
     files: dict[str, str]  # native file name -> published md5 (also pinned in data.dvc)
     fid_samples: int       # default number of generated samples for FID/KID/PR
     seeds: int             # default training runs (seeds) per model
+    val_size: int          # default validation split, carved from the (official) training images
 
 
 MNIST_FILES = {
@@ -57,11 +58,13 @@ MNIST_FILES = {
 CIFAR10_FILES = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
 
 SPECS = {
-    "digits": Spec((1, 8, 8), 17, {}, 2000, 3),
-    "mnist": Spec((1, 28, 28), 256, MNIST_FILES, 10_000, 1),
-    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES, 10_000, 1),
+    "digits": Spec((1, 8, 8), 17, {}, 2000, 3, 300),
+    "mnist": Spec((1, 28, 28), 256, MNIST_FILES, 10_000, 1, 5000),
+    "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES, 10_000, 1, 5000),
 }
-SPLITS = ("train", "test")
+# train: what models (and the FID classifier) are fitted on; val: held out from training, where
+# defaults are chosen and training curves are scored; test: the final tables only
+SPLITS = ("train", "val", "test")
 
 
 def names() -> list[str]:
@@ -194,38 +197,61 @@ def verify(root: Path, name: str) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _digits(split: str, split_seed: int, test_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _digits(test_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All 1797 digits, and the indices of the test split: `test_size` of them, drawn with a
+    fixed seed (0) independent of the train/val split's, so the test split never moves."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # [1797, 1, 8, 8] in {0..16}
-    labels = bunch.target.astype(np.int64)
     if not 0 < test_size < len(images):
         raise DataError(f"digits: test_size must be in (0, {len(images)}), got {test_size}")
-    perm = np.random.default_rng(split_seed).permutation(len(images))
-    idx = perm[:test_size] if split == "test" else perm[test_size:]
-    idx = np.sort(idx)
-    return images[idx], labels[idx]
+    perm = np.random.default_rng(0).permutation(len(images))
+    return images, bunch.target.astype(np.int64), perm[:test_size]
+
+
+def split_indices(n: int, val_size: int, split: str, split_seed: int) -> np.ndarray:
+    """Sorted indices of `split` ('train' or 'val') among n training images: a seeded
+    permutation, its first val_size the validation split, the rest the training split."""
+    if not 0 < val_size < n:
+        raise DataError(f"val_size must be in (0, {n}), got {val_size}")
+    perm = np.random.default_rng(split_seed).permutation(n)
+    return np.sort(perm[:val_size] if split == "val" else perm[val_size:])
 
 
 def load(name: str, split: str = "train", root: str | Path = "data/raw", *,
-         split_seed: int = 0, test_size: int = 297, check: bool = True) -> Dataset:
-    """Load `split` of dataset `name` as integer images in {0..levels-1}."""
+         split_seed: int = 0, test_size: int = 297, val_size: int | None = None,
+         check: bool = True) -> Dataset:
+    """Load `split` (train | val | test) of dataset `name` as integer images in {0..levels-1}.
+
+    test: digits, `test_size` images drawn once with a fixed seed; mnist/cifar10, the official
+    test set. val: `val_size` (None: the dataset's default) of the remaining (official
+    training) images, drawn with `split_seed`; train: the rest. The three are disjoint."""
     sp = spec(name)
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; expected one of {SPLITS}")
     root = Path(root)
     if name == "digits":
-        images, labels = _digits(split, split_seed, test_size)
+        images, labels, test_idx = _digits(test_size)
+        if split == "test":
+            idx = np.sort(test_idx)
+        else:
+            rest = np.setdiff1d(np.arange(len(images)), test_idx)  # sorted
+            idx = rest[split_indices(len(rest), val_size or sp.val_size, split, split_seed)]
+        images, labels = images[idx], labels[idx]
     else:
         if check:
             verify(root, name)
+        official = "test" if split == "test" else "train"
         if name == "mnist":
-            prefix = "train" if split == "train" else "t10k"
+            prefix = "train" if official == "train" else "t10k"
             images = read_idx(root / name / f"{prefix}-images-idx3-ubyte.gz")[:, None]
             labels = read_idx(root / name / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
         else:
-            images, labels = read_cifar10(root / name / "cifar-10-python.tar.gz", split)
+            images, labels = read_cifar10(root / name / "cifar-10-python.tar.gz", official)
+        if split != "test":
+            idx = split_indices(len(images), val_size or sp.val_size, split, split_seed)
+            images, labels = images[idx], labels[idx]
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.shape[1:] != sp.shape or len(labels) != len(images):
         raise DataError(f"{name}/{split}: expected images [N, {sp.shape}] and N labels, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -160,3 +161,35 @@ def fourier_features(x: torch.Tensor, levels: int, octaves: tuple[int, ...]) -> 
     freqs = torch.tensor([math.pi * (levels - 1) * 2.0**k for k in octaves], device=x.device)
     f = (x[:, None] * freqs.view(1, -1, 1, 1, 1)).flatten(1, 2)  # [B, K*C, H, W]
     return torch.cat([torch.sin(f), torch.cos(f)], 1)
+
+
+# ----------------------------------------------------------------------------- diffusion network
+# One place decides what every diffusion variant's network sees (matched inputs by construction).
+
+
+@dataclass
+class DenoiserConfig:
+    """The shared diffusion network's settings; every diffusion model's Config extends this."""
+    width: int = 16
+    mults: list[int] = field(default_factory=lambda: [1, 2])
+    fourier: list[int] = field(default_factory=lambda: [0])  # octaves of the bin-grid Fourier
+                                  # features of z_t / alpha_t fed to the U-Net (VDM, appendix C)
+
+
+class Denoiser(nn.Module):
+    """The network of every diffusion variant: the U-Net on z_t, with the bin-grid Fourier
+    features of z_t / alpha_t (the noisy input rescaled to the data's scale) as extra input
+    channels, and a time input on [0, 1000]. The variants differ only in what they read off
+    its output (eps, x0, score; learned variances) and in how they map their time to [0, 1000].
+    """
+
+    def __init__(self, shape: tuple[int, int, int], levels: int, cfg: DenoiserConfig, out_channels: int | None = None):
+        super().__init__()
+        self.levels, self.octaves = levels, tuple(cfg.fourier)
+        self.unet = UNet(shape, cfg.width, tuple(cfg.mults), out_channels=out_channels,
+                         extra_in=2 * len(self.octaves) * shape[0])
+
+    def forward(self, z: torch.Tensor, alpha: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """z [B,C,H,W]; alpha broadcastable to z (z = alpha x + sigma eps); time [B] in [0, 1000]."""
+        extra = fourier_features(z / alpha, self.levels, self.octaves) if self.octaves else None
+        return self.unet(z, time, extra)

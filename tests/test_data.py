@@ -53,29 +53,33 @@ def make_mnist(root: Path, n_train=12, n_test=5) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------ digits
 
-def test_digits_split_is_fixed_disjoint_and_discrete():
-    tr, te = data.load("digits", "train"), data.load("digits", "test")
-    assert tr.images.shape == (1500, 1, 8, 8) and te.images.shape == (297, 1, 8, 8)
-    assert tr.levels == te.levels == 17
+def test_digits_splits_are_fixed_disjoint_and_discrete():
+    tr, va, te = (data.load("digits", s) for s in ("train", "val", "test"))
+    assert tr.images.shape == (1200, 1, 8, 8) and va.images.shape == (300, 1, 8, 8)
+    assert te.images.shape == (297, 1, 8, 8)
+    assert tr.levels == va.levels == te.levels == 17
     assert tr.images.dtype == np.uint8 and tr.images.max() <= 16
-    assert len(tr.labels) == 1500 and set(np.unique(tr.labels)) == set(range(10))
+    assert set(np.unique(tr.labels)) == set(range(10))
     # disjoint: together they are exactly the 1797 UCI images
     from sklearn.datasets import load_digits
     allimg = load_digits().images.astype(np.uint8).reshape(1797, -1)
-    both = np.concatenate([tr.images, te.images]).reshape(1797, -1)
+    both = np.concatenate([tr.images, va.images, te.images]).reshape(1797, -1)
     key = lambda a: sorted(map(bytes, a))  # noqa: E731
     assert key(both) == key(allimg)
-    again = data.load("digits", "test")
-    assert np.array_equal(again.images, te.images)
-    other = data.load("digits", "test", split_seed=1)
-    assert not np.array_equal(other.images, te.images)
+    for split, ds in (("train", tr), ("val", va), ("test", te)):  # deterministic
+        assert np.array_equal(data.load("digits", split).images, ds.images)
+    # another split seed moves validation images, never the test split
+    other = {s: data.load("digits", s, split_seed=1) for s in ("val", "test")}
+    assert not np.array_equal(other["val"].images, va.images)
+    assert np.array_equal(other["test"].images, te.images)
+    assert len(data.load("digits", "val", val_size=100)) == 100
 
 
 def test_unknown_dataset_and_split():
     with pytest.raises(DataError, match="unknown dataset 'svhn'"):
         data.load("svhn")
-    with pytest.raises(DataError, match="unknown split 'val'"):
-        data.load("digits", "val")
+    with pytest.raises(DataError, match="unknown split 'valid'"):
+        data.load("digits", "valid")
 
 
 # ------------------------------------------------------------------------------ IDX
@@ -112,10 +116,13 @@ def test_idx_bad_magic_and_bad_gzip(tmp_path):
 
 def test_mnist_load_from_native_files(tmp_path):
     arrays = make_mnist(tmp_path)
-    tr = data.load("mnist", "train", tmp_path, check=False)
+    tr = data.load("mnist", "train", tmp_path, check=False, val_size=4)
+    va = data.load("mnist", "val", tmp_path, check=False, val_size=4)
     te = data.load("mnist", "test", tmp_path, check=False)
-    assert tr.images.shape == (12, 1, 28, 28) and tr.levels == 256
-    assert np.array_equal(tr.images[:, 0], arrays["train"][0])
+    assert tr.images.shape == (8, 1, 28, 28) and va.images.shape == (4, 1, 28, 28) and tr.levels == 256
+    # validation is carved from the official training images, the official test set stays the test set
+    key = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
+    assert key(np.concatenate([tr.images[:, 0], va.images[:, 0]])) == key(arrays["train"][0])
     assert np.array_equal(te.labels, arrays["t10k"][1])
 
 
@@ -138,13 +145,17 @@ def test_cifar_tarball_and_folder(tmp_path):
     root = tmp_path / "cifar10"
     root.mkdir()
     write_cifar_tar(root / "cifar-10-python.tar.gz", batches)
-    tr = data.load("cifar10", "train", tmp_path, check=False)
+    tr = data.load("cifar10", "train", tmp_path, check=False, val_size=5)
+    va = data.load("cifar10", "val", tmp_path, check=False, val_size=5)
     te = data.load("cifar10", "test", tmp_path, check=False)
-    assert tr.images.shape == (15, 3, 32, 32) and te.images.shape == (4, 3, 32, 32)
+    assert tr.images.shape == (10, 3, 32, 32) and va.images.shape == (5, 3, 32, 32)
+    assert te.images.shape == (4, 3, 32, 32)
+    allx, ally = data.read_cifar10(root / "cifar-10-python.tar.gz", "train")
     first = pickle.loads(batches["data_batch_1"])
     # CIFAR rows are channel-major: 1024 R, then 1024 G, then 1024 B values
-    assert np.array_equal(tr.images[0, 1].ravel(), first[b"data"][0, 1024:2048])
-    assert tr.labels[:3].tolist() == first[b"labels"]
+    assert np.array_equal(allx[0, 1].ravel(), first[b"data"][0, 1024:2048])
+    assert ally[:3].tolist() == first[b"labels"]
+    assert sorted(tr.labels.tolist() + va.labels.tolist()) == sorted(ally.tolist())
     folder = tmp_path / "extracted"
     folder.mkdir()
     for name, blob in batches.items():

@@ -56,6 +56,12 @@ class Model(nn.Module):
         """Named per-example terms (nats, each [B]) whose sum is an upper bound on -log P(x)."""
         raise NotImplementedError
 
+    def nll_terms_profile(self, x: torch.Tensor, **estimator: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """`nll_terms`, and where the bound is a sum over noise levels (diffusion), its profile:
+        {"logsnr_lo", "logsnr_hi", "t_lo", "t_hi": [K] per stratum of time, "nats": [K, B] the
+        strata's contributions, summing to the "diffusion" term}; None for other models."""
+        return self.nll_terms(x, **estimator), None
+
     def nll_bound(self, x: torch.Tensor, **estimator: Any) -> torch.Tensor:
         """Upper bound on -log P(x) in nats per example, [B]."""
         terms = self.nll_terms(x, **estimator)

@@ -10,14 +10,14 @@ entry at index 0 (alpha_bar_0 = 1). Data x_0 are the bin centres of the integer 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from .. import likelihood as lk
 from .. import samplers as smp
-from ..nets import UNet, fourier_features
+from ..nets import Denoiser, DenoiserConfig
 from . import register
 from .base import Model
 
@@ -36,6 +36,28 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
     raise ValueError(f"unknown noise schedule '{schedule}'; use 'linear' or 'cosine'")
 
 
+T_SPACINGS = ("log", "uniform")
+
+
+def t_strata(T: int, k: int, spacing: str = "log") -> torch.Tensor:
+    """Integer edges 2 = e_0 < ... < e_K = T + 1 of K strata of the times {2..T} whose terms
+    L_{t-1} the discrete VLB sums (k = 0 or k >= T - 1: every t its own stratum, the exact sum).
+    'uniform': equal widths; 'log': geometric widths, so the lowest times (where most of the
+    bound sits) are strata of width 1, summed exactly, and the wide strata are at high noise."""
+    if spacing not in T_SPACINGS:
+        raise ValueError(f"unknown t spacing '{spacing}'; available: {', '.join(T_SPACINGS)}")
+    lo, hi = 2, T + 1
+    if k == 0 or k >= hi - lo:
+        return torch.arange(lo, hi + 1)
+    if spacing == "uniform":
+        return torch.linspace(lo, hi, k + 1, dtype=torch.float64).floor().long()
+    edges = [lo]
+    for i in range(1, k + 1):  # nearest geometric point, at least 1 wide, leaving room for the rest
+        target = round(lo * (hi / lo) ** (i / k))
+        edges.append(min(max(edges[-1] + 1, target), hi - (k - i)))
+    return torch.tensor(edges)
+
+
 class GaussianDiffusion(Model):
     """Shared machinery; subclasses pick the network target and the training loss."""
 
@@ -44,17 +66,13 @@ class GaussianDiffusion(Model):
     samplers = ("ancestral", *smp.SOLVERS)
 
     @dataclass
-    class Config:
+    class Config(DenoiserConfig):
         T: int = 1000
         schedule: str = "linear"
         variance: str = "small"       # fixed reverse variance: 'small' = beta~_t, 'large' = beta_t
         learn_sigma: bool = False     # IDDPM: interpolate log-variance between beta_t and beta~_t
         hybrid_lambda: float = 0.0    # weight of L_vlb in the loss (IDDPM: 0.001)
-        width: int = 16
-        mults: list[int] = field(default_factory=lambda: [1, 2])
         clip_x0: bool = True          # clip the predicted x_0 to the data range [-1, 1]
-        fourier: list[int] = field(default_factory=lambda: [0])  # octaves of the bin-grid Fourier
-                                      # features of x_t / sqrt(alpha_bar_t) fed to the U-Net
 
     def __init__(self, shape, levels, cfg):
         super().__init__(shape, levels, cfg)
@@ -63,8 +81,7 @@ class GaussianDiffusion(Model):
         if cfg.T < 2:
             raise ValueError(f"{type(self).__name__}: T must be >= 2, got {cfg.T}")
         c = shape[0]
-        self.net = UNet(self.shape, cfg.width, tuple(cfg.mults), out_channels=2 * c if cfg.learn_sigma else c,
-                        extra_in=2 * len(cfg.fourier) * c)
+        self.net = Denoiser(self.shape, levels, cfg, out_channels=2 * c if cfg.learn_sigma else c)
         betas = make_betas(cfg.schedule, cfg.T)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])  # [T+1]
         betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])  # [T+1], index = t
@@ -90,11 +107,8 @@ class GaussianDiffusion(Model):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's prediction of its target (eps | x0 | score) at integer times t [B]:
         the U-Net output (time input scaled to 0..1000) through `precondition`."""
-        extra = None
-        if self.cfg.fourier:
-            x0_scale = x_t / self._bcast(self.alpha_bar, t).sqrt()
-            extra = fourier_features(x0_scale, self.levels, tuple(self.cfg.fourier))
-        return self.precondition(self.net(x_t, t.float() * (1000.0 / self.cfg.T), extra), x_t, t)
+        alpha = self._bcast(self.alpha_bar, t).sqrt()
+        return self.precondition(self.net(x_t, alpha, t.float() * (1000.0 / self.cfg.T)), x_t, t)
 
     def precondition(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Raw network output -> prediction in the target's units (eps: the identity)."""
@@ -157,44 +171,58 @@ class GaussianDiffusion(Model):
         zero = torch.zeros((), device=x0.device)
         return lk.normal_kl(ab.sqrt() * x0, torch.log(1 - ab), zero, zero).flatten(1).sum(1)
 
-    def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int,
-                   chunk: int) -> dict[str, torch.Tensor]:
-        b, T = len(x0), self.cfg.T
-        if t_samples == 0 or t_samples >= T - 1:  # exact: every t in 2..T
-            ts = torch.arange(2, T + 1, device=x0.device).repeat_interleave(b)  # [(T-1)*B]
-            weights = torch.ones(T - 1, device=x0.device)
-        else:  # one uniform t in each of K strata of {2..T}; weight = stratum size (unbiased)
-            edges = torch.linspace(2, T + 1, t_samples + 1, device=x0.device).floor().long()
-            sizes = (edges[1:] - edges[:-1]).float()  # [K]
-            u = torch.rand(t_samples, b, device=x0.device)
-            ts = (edges[:-1, None] + (u * sizes[:, None]).long()).flatten()  # [K*B]
-            weights = sizes
-        k = len(ts) // b
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """log SNR = log(alpha_bar / (1 - alpha_bar)) at (possibly fractional) times t in [1, T]:
+        the continuous-time schedule of this discrete process, linear in t between integer times."""
+        ab = self.alpha_bar.double()[1:]
+        lam = torch.log(ab) - torch.log1p(-ab)  # [T], at t = 1..T
+        t = t.double().clamp(1, self.cfg.T)
+        lo = t.floor().long().clamp(max=self.cfg.T - 1)
+        w = t - lo
+        return (1 - w) * lam[lo - 1] + w * lam[lo]
+
+    def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int, chunk: int,
+                   spacing: str = "log") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The bound's terms [B] and its profile over strata of t (`profile_of`)."""
+        b = len(x0)
+        edges = t_strata(self.cfg.T, t_samples, spacing).to(x0.device)  # [K+1] over {2..T}
+        sizes = edges[1:] - edges[:-1]  # [K]; weight of a stratum's one uniform draw (unbiased)
+        u = torch.rand(len(sizes), b, device=x0.device)
+        ts = (edges[:-1, None] + (u * sizes[:, None]).long()).flatten()  # [K*B]
         values = []
         for start in range(0, len(ts), chunk):
             tt = ts[start: start + chunk]
             idx = torch.arange(start, start + len(tt), device=x0.device) % b
             values.append(self.vlb_term(x0[idx], tt, None if x_int is None else x_int[idx]))
-        diffusion = (torch.cat(values).view(k, b) * weights[:, None]).sum(0)
+        per_stratum = torch.cat(values).view(len(sizes), b) * sizes[:, None]  # [K,B] nats
         one = torch.ones(b, dtype=torch.long, device=x0.device)
-        return {"prior": self.prior_term(x0), "diffusion": diffusion,
-                "reconstruction": self.vlb_term(x0, one, x_int)}
+        terms = {"prior": self.prior_term(x0), "diffusion": per_stratum.sum(0),
+                 "reconstruction": self.vlb_term(x0, one, x_int)}
+        e = edges.double() - 0.5  # stratum [e_k, e_k+1) of integer t covers [e_k - 1/2, e_k+1 - 1/2)
+        profile = {"t_lo": edges[:-1].tolist(), "t_hi": (edges[1:] - 1).tolist(),
+                   "logsnr_hi": self.logsnr(e[:-1]).tolist(), "logsnr_lo": self.logsnr(e[1:]).tolist(),
+                   "nats": per_stratum}
+        return terms, profile
 
     @torch.no_grad()
-    def nll_terms(self, x, t_samples: int = 50, chunk: int = 4096, **estimator: Any):
+    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, spacing: str = "log",
+                          **estimator: Any):
         self._reject(estimator, self.name or type(self).__name__)
         self._check_x(x)
         if t_samples < 0:
             raise ValueError(f"t_samples must be >= 0 (0 = exact sum over all T terms), got {t_samples}")
-        return self._vlb_terms(lk.to_unit(x, self.levels), x, t_samples, chunk)
+        return self._vlb_terms(lk.to_unit(x, self.levels), x, t_samples, chunk, spacing)
+
+    def nll_terms(self, x, **estimator: Any):
+        return self.nll_terms_profile(x, **estimator)[0]
 
     def estimators(self, ecfg):
-        T = self.cfg.T
-        if ecfg.t_samples == 0 or ecfg.t_samples >= T - 1:
+        T, k = self.cfg.T, ecfg.t_samples
+        if k == 0 or k >= T - 1:
             label = f"VLB (T={T}, exact sum)"
         else:
-            label = f"VLB (T={T}, {ecfg.t_samples} stratified t)"
-        return [(label, {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
+            label = f"VLB (T={T}, {k} t, {ecfg.t_spacing} strata)"
+        return [(label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing})]
 
     # -------------------------------------------------------------- training
 
@@ -216,10 +244,12 @@ class GaussianDiffusion(Model):
         c = self.shape[0]
         loss = self.matching_loss(out[:, :c], x0, eps, x_t, t)
         if self.cfg.hybrid_lambda > 0:
-            # L_vlb trains only the variance: the mean is detached (Nichol & Dhariwal sec. 3.1)
+            # L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1): L_vlb = T L_{t-1}
+            # for uniform t, each term a per-dimension mean in *bits*; it trains only the
+            # variance (the mean is detached). improved-diffusion: vb (bits, mean over dims) * T/1000.
             out_vlb = torch.cat([out[:, :c].detach(), out[:, c:]], 1)
-            vb = self.step_term(x0, x_t, t, *self.mean_logvar(out_vlb, x_t, t), x)
-            loss = loss + self.cfg.hybrid_lambda * self.cfg.T * vb / self.dims
+            vb = self.step_term(x0, x_t, t, *self.mean_logvar(out_vlb, x_t, t), x)  # nats, summed over dims
+            loss = loss + self.cfg.hybrid_lambda * self.cfg.T * lk.bits_per_dim(vb, self.dims)
         return loss.mean()
 
     # -------------------------------------------------------------- sampling

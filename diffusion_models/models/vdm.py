@@ -8,7 +8,7 @@ prior KL(q(z_1|x) || N(0,I)), the T -> infinity diffusion loss
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import likelihood as lk
 from .. import samplers as smp
-from ..nets import UNet
+from ..nets import Denoiser, DenoiserConfig
 from . import register
 from .base import Model
 
@@ -64,9 +64,7 @@ class VDM(Model):
     family = "diffusion"
 
     @dataclass
-    class Config:
-        width: int = 16               # the U-Net backbone shared by every diffusion variant
-        mults: list[int] = field(default_factory=lambda: [1, 2])
+    class Config(DenoiserConfig):     # the network shared by every diffusion variant
         schedule_width: int = 32      # hidden units of the monotone gamma network
         # init of gamma(0) = log(sigma_0^2 / alpha_0^2); None: sigma_0/alpha_0 = 0.6 bin half-widths,
         # 2 log(0.6 / (L-1)) = -6.6 at L=17, -12.1 at L=256 (VDM: -13.3 with Fourier features)
@@ -80,14 +78,16 @@ class VDM(Model):
         if not g0 < cfg.gamma_max:
             raise ValueError(f"vdm: need gamma_min < gamma_max, got {g0}, {cfg.gamma_max}")
         self.gamma = NoiseSchedule(cfg.schedule_width, g0, cfg.gamma_max)
-        self.net = UNet(self.shape, width=cfg.width, mults=tuple(cfg.mults))
+        self.net = Denoiser(self.shape, levels, cfg)
         self.register_buffer("centres", lk.to_unit(torch.arange(levels), levels))  # [L]
 
     # --------------------------------------------------------------- pieces of the bound
     def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """U-Net eps prediction; time input 1000 * gamma rescaled by the *initial* endpoints."""
+        """The shared network's eps prediction at z = z_t, gamma = gamma(t) [N]; its time input is
+        1000 * gamma rescaled by the *initial* endpoints."""
         lo, hi = self.gamma_range
-        return self.net(z, 1000.0 * (gamma - lo) / (hi - lo))  # [N,C,H,W]
+        alpha = torch.sqrt(torch.sigmoid(-gamma)).view(-1, 1, 1, 1)
+        return self.net(z, alpha, 1000.0 * (gamma - lo) / (hi - lo))  # [N,C,H,W]
 
     def _prior_term(self, x: torch.Tensor) -> torch.Tensor:
         """KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) summed over dims: [B]; x float [B,C,H,W]."""
@@ -130,7 +130,8 @@ class VDM(Model):
         return vlb.mean() / self.dims
 
     @torch.no_grad()
-    def nll_terms(self, x, t_samples: int = 50, chunk: int = 4096, **estimator: Any):
+    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, **estimator: Any):
+        """The bound's terms and its profile over the K strata of t (log SNR = -gamma(t))."""
         self._reject(estimator, "vdm")
         self._check_x(x)
         if t_samples < 1:
@@ -141,10 +142,18 @@ class VDM(Model):
         # stratified times: t_jb = (j + u_jb) / K, independent u per example and stratum
         t = (torch.arange(k, device=x.device)[:, None] + torch.rand(k, b, device=x.device)) / k  # [K,B]
         per = max(1, chunk // b)  # strata per U-Net pass, so one pass holds <= chunk examples
-        diff = torch.cat([self._diffusion_term(xu.repeat(min(per, k - s), 1, 1, 1), t[s:s + per].reshape(-1))
-                          for s in range(0, k, per)]).view(k, b).mean(0)  # [B]
-        return {"prior": self._prior_term(xu), "diffusion": diff,
-                "reconstruction": self._reconstruction_term(x)}
+        per_stratum = torch.cat([self._diffusion_term(xu.repeat(min(per, k - s), 1, 1, 1), t[s:s + per].reshape(-1))
+                                 for s in range(0, k, per)]).view(k, b) / k  # [K,B] nats
+        terms = {"prior": self._prior_term(xu), "diffusion": per_stratum.sum(0),
+                 "reconstruction": self._reconstruction_term(x)}
+        edges = torch.linspace(0.0, 1.0, k + 1, device=x.device)
+        logsnr = (-self.gamma(edges)).double()
+        profile = {"t_lo": edges[:-1].tolist(), "t_hi": edges[1:].tolist(), "logsnr_hi": logsnr[:-1].tolist(),
+                   "logsnr_lo": logsnr[1:].tolist(), "nats": per_stratum}
+        return terms, profile
+
+    def nll_terms(self, x, **estimator: Any):
+        return self.nll_terms_profile(x, **estimator)[0]
 
     def estimators(self, ecfg):
         return [(f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
