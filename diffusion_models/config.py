@@ -50,6 +50,8 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
     log_every: int = 50           # steps between DVCLive points
+    val_every: int = 200          # steps between validation bounds on the learning curve (0: off)
+    val_t_samples: int = 10       # diffusion: strata of t of that validation bound (cheap, unbiased)
     checkpoint_every: int = 200   # steps between saved resume states (results/resume/)
 
 
@@ -69,12 +71,14 @@ class EvalConfig:
 
 @dataclass
 class FeaturesConfig:
-    """The `features` stage: FID feature extractors and the reference statistics."""
-    epochs: int = 40              # domain classifier training epochs (digits: 99.7% test accuracy)
+    """The `features` stage (FID feature spaces, reference statistics) and `train-classifier`."""
+    epochs: int = 40              # FID classifier training epochs (train-classifier)
     width: int = 32               # classifier channels (features: 4 x width after global pooling)
     lr: float = 3e-3
     batch_size: int = 64
     seed: int = 0
+    classifier: str | None = None  # FID classifier weights; None: the file shipped for the dataset
+                                  # (diffusion_models/assets/classifier-<dataset>.pt, SHA-256 checked)
     inception_weights: str | None = None  # Inception-v3 weights file (torch-fidelity format);
                                   # None: torch-fidelity's download cache under the torch hub dir
     require_inception: bool = False  # missing Inception weights: an error, not "not available"
@@ -123,11 +127,12 @@ class Config:
 
 
 _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", "train.checkpoint_every",
+             "train.val_t_samples",
              "evaluate.iwae_k", "evaluate.sweep_iwae_k", "evaluate.batch_size", "evaluate.chunk",
              "data.test_size", "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.steps", "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets",
              "sample.prc_neighborhood"}
-_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema",
+_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema", "train.val_every",
                  "evaluate.t_samples", "sample.eta"}
 
 

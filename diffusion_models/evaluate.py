@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import EvalConfig
-from .likelihood import bits_per_dim
+from .likelihood import LN2, bits_per_dim
 from .models.base import Model
 
 
@@ -24,13 +24,15 @@ def summarize(values: torch.Tensor, dims: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig,
-                    iwae_ks: list[int] | None = None) -> dict[str, dict[str, Any]]:
+def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks: list[int] | None = None,
+                    per_example: bool = False) -> dict[str, dict[str, Any]]:
     """For each estimator of `model`: bound and its terms, mean +- SE over the test examples.
 
     images: integer [N,C,H,W] on the model's device. `iwae_ks`: the estimators of each of
     these IWAE sample counts (default: cfg.iwae_k); one the models share is computed once.
-    Returns {estimator label: summary}.
+    Returns {estimator label: summary}; a summary has `profile` (bits/dim of each stratum of
+    time: where a diffusion bound's bits come from) where the model gives one, and with
+    `per_example` the bound of every example (bits/dim), for paired comparisons.
     """
     model.eval()
     estimators = {label: kw for k in (iwae_ks or [cfg.iwae_k])
@@ -40,10 +42,13 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig,
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = {}
+        strata, profile = [], None
         for i in range(0, len(images), cfg.batch_size):
-            terms = model.nll_terms(images[i: i + cfg.batch_size], **kwargs)
+            terms, profile = model.nll_terms_profile(images[i: i + cfg.batch_size], **kwargs)
             for name, value in terms.items():
                 parts.setdefault(name, []).append(value.detach().double().cpu())
+            if profile is not None:
+                strata.append(profile["nats"].double().sum(1).cpu())  # [K]
         terms = {k: torch.cat(v) for k, v in parts.items()}
         total = torch.stack(list(terms.values())).sum(0)
         if not torch.isfinite(total).all():
@@ -54,6 +59,11 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig,
             "n_examples": len(total),
             "seconds": time.perf_counter() - start,
         }
+        if profile is not None:
+            out[label]["profile"] = {**{k: profile[k] for k in ("t_lo", "t_hi", "logsnr_lo", "logsnr_hi")},
+                                     "bpd": (torch.stack(strata).sum(0) / (len(total) * model.dims * LN2)).tolist()}
+        if per_example:
+            out[label]["per_example_bpd"] = (total / (model.dims * LN2)).tolist()
     return out
 
 

@@ -2,8 +2,10 @@
 FID cross-checked with torchmetrics on the same features (DESIGN.md, "Sample quality").
 
 Two feature extractors:
-- `classifier`: a small CNN trained by the `features` stage on the training split (fixed
-  seed), registered with torch-fidelity; works offline and on 8x8 images;
+- `classifier`: a small CNN trained on the training split (fixed seed), registered with
+  torch-fidelity; works offline and on 8x8 images. Its weights are a fixed, versioned file
+  per dataset (`assets/classifier-<dataset>.pt`, SHA-256 recorded beside it and checked on
+  load), so every machine computes FIDs in the same feature space;
 - `inception-v3-compat`: torch-fidelity's Inception-v3 with the standard (TF-ported) weights,
   read from a local file only; without one it is reported as not available, never replaced.
 
@@ -11,6 +13,8 @@ Images enter the extractors as torch-fidelity expects them: uint8 [B, 3, H, W] i
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -133,6 +137,46 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
         return ClassifierResult(model, acc(xt, test_y), acc(xs, train_y), time.perf_counter() - start)
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shipped_classifier(dataset: str) -> Path:
+    return ASSETS / f"classifier-{dataset}.pt"
+
+
+def classifier_weights(dataset: str, configured: str | None = None) -> tuple[Path, str]:
+    """(weights file, SHA-256) of the FID classifier: `configured`, or the one shipped for
+    `dataset`, whose SHA-256 must equal the one recorded beside it (a clear error otherwise)."""
+    retrain = (f"`python -m diffusion_models train-classifier` (trains it on the prepared "
+               f"training split of {dataset}; see README, 'Sample quality')")
+    path = Path(configured) if configured else shipped_classifier(dataset)
+    if not path.is_file():
+        raise QualityError(f"no FID classifier weights at {path}: retrain them with {retrain}")
+    digest = sha256(path)
+    record = path.with_suffix(".json")
+    if not configured or record.is_file():
+        if not record.is_file():
+            raise QualityError(f"{record} (the recorded SHA-256 of {path.name}) is missing: retrain with {retrain}")
+        expected = json.loads(record.read_text())["sha256"]
+        if digest != expected:
+            raise QualityError(f"FID classifier {path} has SHA-256 {digest}, but {record.name} records "
+                               f"{expected}: the file was modified or replaced; restore it or retrain with {retrain}")
+    return path, digest
+
+
+def extractor_label(extractor: str, digest: str | None) -> str:
+    """How the tables name a feature space: the extractor with its weights' version."""
+    return f"{extractor} (sha256 {digest[:12]})" if digest else extractor
+
+
 def save_classifier(model: DomainClassifier, path: str | Path) -> None:
     from .runtime import atomic_path
 
@@ -144,14 +188,23 @@ def save_classifier(model: DomainClassifier, path: str | Path) -> None:
 def load_classifier(path: str | Path) -> DomainClassifier:
     path = Path(path)
     if not path.is_file():
-        raise QualityError(f"no domain classifier at {path}: run the `features` stage")
+        raise QualityError(f"no domain classifier at {path}: run `python -m diffusion_models train-classifier`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = DomainClassifier(blob["in_channels"], blob["n_classes"], blob["width"])
         model.load_state_dict(blob["state_dict"])
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise QualityError(f"domain classifier {path} is unreadable ({e}): rerun the `features` stage") from e
+        raise QualityError(f"domain classifier {path} is unreadable ({e}): restore it or retrain it with "
+                           "`python -m diffusion_models train-classifier`") from e
     return model.eval()
+
+
+@torch.no_grad()
+def classifier_features(path: str | Path, images: torch.Tensor, levels: int, batch_size: int = 1024) -> torch.Tensor:
+    """The classifier's FID features (its pooled penultimate layer) of integer images: [N, F]."""
+    net = load_classifier(path)
+    rgb = to_rgb_uint8(images.cpu(), levels)
+    return torch.cat([net.features(rgb[i: i + batch_size]) for i in range(0, len(rgb), batch_size)])
 
 
 class ClassifierExtractor(FeatureExtractorBase):

@@ -1,16 +1,20 @@
-"""Comparison tables (pandas) from the per-model train and evaluate records."""
+"""Comparison tables (pandas) from the per-model train, evaluate and sample records."""
 from __future__ import annotations
 
 from typing import Any
 
 import pandas as pd
 
+from .pipeline.common import RUN_FIELDS
+
 COMPARISON_COLUMNS = ["model", "family", "params", "seeds", "images_seen", "train_flops",
                       "train_seconds", "train_seconds_std", "bpd", "bpd_std", "bpd_se", "bpd_estimator",
-                      "fid", "fid_std", "fid_extractor", "fid_inception", "sampler", "n_samples", "nfe",
+                      "tied_bpd", "fid", "fid_std", "fid_test", "fid_test_std", "tied_fid", "fid_extractor",
+                      "fid_inception", "copies", "close_pixel", "close_features", "sampler", "n_samples", "nfe",
                       "samples_per_sec", "samples_per_sec_std", "matched", "dataset", "device"]
 RUN_KEYS = ["model", "seed", "fraction"]
-RUN_FIELDS = ("seed", "fraction", "images_seen", "train_flops")  # what identifies a checkpoint in records
+MEMORISATION = {"copies": "mem_pixel_copies", "close_pixel": "mem_pixel_close_frac",
+                "close_features": "mem_features_close_frac"}  # comparison column -> sampling.csv column
 PRIMARY_EXTRACTOR = "classifier"  # the `fid` column of the comparison: works offline, on any size
 INCEPTION = "inception-v3-compat"
 
@@ -55,9 +59,11 @@ def sampling_runs(samples: list[dict[str, Any]]) -> pd.DataFrame:
                              "sampler": p["label"], "sampler_name": p["sampler"],
                              "steps": p["steps"] if p["steps"] is not None else p["nfe"], "nfe": p["nfe"],
                              "headline": p["headline"], "n_samples": rec["n_samples"],
-                             "reference": rec["reference"], "dataset": rec["dataset"], "device": rec["device"],
-                             **{k: p[k] for k in ("samples_per_sec", "sec_per_sample", "speed_batch",
-                                                  "speed_repeats", "sample_seconds")}, **m})
+                             "reference_set": rec["references"][m["reference"]], "dataset": rec["dataset"],
+                             "device": rec["device"], **{k: p[k] for k in ("samples_per_sec", "sec_per_sample",
+                                                                           "speed_batch", "speed_repeats",
+                                                                           "sample_seconds")},
+                             **m, **{f"mem_{k}": v for k, v in p["memorisation"].items()}})
     return pd.DataFrame(rows)
 
 
@@ -82,16 +88,17 @@ def runs_table(trains: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame) 
     pick = lambda est: nll[nll["estimator"] == nll["model"].map(est)].set_index(RUN_KEYS)  # noqa: E731
     head, sweep = pick(_tightest(_final(nll))), pick(_tightest(nll))
     s = sampling[sampling["headline"].astype(bool)]
-    prim = s[s["extractor"] == PRIMARY_EXTRACTOR].set_index(RUN_KEYS)
-    inc = s[s["extractor"] == INCEPTION].set_index(RUN_KEYS)
+    at = lambda e, ref: s[(s["extractor"] == e) & (s["reference"] == ref)].set_index(RUN_KEYS)  # noqa: E731
+    prim, held, inc = at(PRIMARY_EXTRACTOR, "train"), at(PRIMARY_EXTRACTOR, "test"), at(INCEPTION, "train")
     out = trains.set_index(RUN_KEYS)
     out = out.assign(
         bpd=head["bpd"], bpd_se=head["bpd_se"], bpd_estimator=head["estimator"],
         sweep_bpd=sweep["bpd"], sweep_bpd_se=sweep["bpd_se"], sweep_estimator=sweep["estimator"],
         fid=prim["fid"], kid=prim["kid"], precision=prim["precision"], recall=prim["recall"],
+        fid_test=held["fid"], fid_extractor=prim["extractor_label"],
         fid_inception=inc["fid"], inception_status=inc["status"],
         sampler=prim["sampler"], n_samples=prim["n_samples"], nfe=prim["nfe"],
-        samples_per_sec=prim["samples_per_sec"])
+        samples_per_sec=prim["samples_per_sec"], **{v: prim[v] for v in MEMORISATION.values()})
     return out.reset_index()
 
 
@@ -101,23 +108,64 @@ def _mean_std(g: Any, cols: list[str]) -> pd.DataFrame:
     return mean.join(std.add_suffix("_std"))
 
 
-def comparison_table(runs: pd.DataFrame, matched: dict[str, str] | None = None) -> pd.DataFrame:
+def comparison_table(runs: pd.DataFrame, matched: dict[str, str] | None = None,
+                     tied: dict[str, dict[str, list[str]]] | None = None) -> pd.DataFrame:
     """One row per model at the end of the budget: mean and standard deviation over seeds of
-    the headline bound, FID, sampling speed and training time; `bpd_se` is the mean of the
-    runs' standard errors over test examples."""
+    the headline bound, FID (training and held-out reference), sampling speed and training
+    time; `bpd_se` is the mean of the runs' standard errors over test examples; memorisation
+    columns are means over seeds; `tied_<metric>`: the models whose difference from this one
+    is not significant (`tied`: significance.tied_with per metric)."""
     final = _final(runs)
     g = final.groupby("model", sort=False)
-    agg = _mean_std(g, ["bpd", "fid", "samples_per_sec", "train_seconds", "fid_inception"])
+    agg = _mean_std(g, ["bpd", "fid", "fid_test", "samples_per_sec", "train_seconds", "fid_inception"])
     first = g.first()
     inception = [_pm(m, s, ".4f") if st == "ok" else st for m, s, st in
                  zip(agg["fid_inception"], agg["fid_inception_std"], first["inception_status"])]
+    ties = {f"tied_{k}": [", ".join((tied or {}).get(k, {}).get(m, [])) for m in first.index] for k in ("bpd", "fid")}
     out = first.assign(
         seeds=g["seed"].nunique(), images_seen=g["images_seen"].max(), train_flops=g["train_flops"].mean(),
-        bpd_se=g["bpd_se"].mean(), fid_extractor=PRIMARY_EXTRACTOR, fid_inception=inception,
-        matched=[(matched or {}).get(m, "") for m in first.index],
-        **{c: agg[c] for c in ("bpd", "bpd_std", "fid", "fid_std", "samples_per_sec", "samples_per_sec_std",
-                               "train_seconds", "train_seconds_std")})
+        bpd_se=g["bpd_se"].mean(), fid_inception=inception, matched=[(matched or {}).get(m, "") for m in first.index],
+        **{c: agg[c] for c in ("bpd", "bpd_std", "fid", "fid_std", "fid_test", "fid_test_std", "samples_per_sec",
+                               "samples_per_sec_std", "train_seconds", "train_seconds_std")},
+        **{c: g[v].mean() for c, v in MEMORISATION.items()}, **ties)
     return out.reset_index()[COMPARISON_COLUMNS]
+
+
+def headline_runs(comparison: pd.DataFrame, evals: list[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    """(model, seed) -> every test image's bound (bits/dim) in the model's headline estimator at
+    the end of the budget: the paired comparison's data."""
+    estimator = dict(zip(comparison["model"], comparison["bpd_estimator"]))
+    return {(ev["model"], run["seed"]): run["bounds"][estimator[ev["model"]]]["per_example_bpd"]
+            for ev in evals for run in ev["runs"] if run["fraction"] == 1.0}
+
+
+def profile_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
+    """Where each diffusion bound's bits come from, at the end of the budget: one row per model,
+    estimator and term (prior, each stratum of time of the diffusion term, reconstruction), bits/dim
+    mean and std over seeds; strata carry their times and log-SNR range and bits per unit log SNR.
+    The rows of one model and estimator sum to its bound."""
+    rows = []
+    for ev in evals:
+        for run in (r for r in ev["runs"] if r["fraction"] == 1.0):
+            for label, b in run["bounds"].items():
+                if "profile" not in b:
+                    continue
+                p, terms = b["profile"], b["terms_bpd"]
+                base = {"model": ev["model"], "estimator": label, "seed": run["seed"]}
+                rows.append({**base, "term": "prior", "stratum": -1, "bpd": terms["prior"]})
+                rows += [{**base, "term": "diffusion", "stratum": k, "t_lo": p["t_lo"][k], "t_hi": p["t_hi"][k],
+                          "logsnr_lo": p["logsnr_lo"][k], "logsnr_hi": p["logsnr_hi"][k], "bpd": v}
+                         for k, v in enumerate(p["bpd"])]
+                rows.append({**base, "term": "reconstruction", "stratum": len(p["bpd"]), "bpd": terms["reconstruction"]})
+    if not rows:
+        return pd.DataFrame(columns=["model", "estimator", "term", "stratum", "bpd", "bpd_std"])
+    df = pd.DataFrame(rows)
+    keys = ["model", "estimator", "term", "stratum"]
+    g = df.groupby(keys, sort=False, dropna=False)
+    out = _mean_std(g, ["bpd"]).join(g[["t_lo", "t_hi", "logsnr_lo", "logsnr_hi"]].first())
+    out = out.join(g["seed"].nunique().rename("seeds")).reset_index()
+    out["bpd_per_logsnr"] = out["bpd"] / (out["logsnr_hi"] - out["logsnr_lo"])
+    return out[keys + ["t_lo", "t_hi", "logsnr_lo", "logsnr_hi", "bpd", "bpd_std", "bpd_per_logsnr", "seeds"]]
 
 
 def nll_table(nll: pd.DataFrame) -> pd.DataFrame:
@@ -163,76 +211,8 @@ def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd
     """The FID-against-NFE points of one extractor (the data of the plot): the sampler grid,
     run on the first seed's final checkpoint."""
     grid = grid_rows(sampling)
-    ok = grid[(grid["extractor"] == extractor) & (grid["status"] == "ok")]
+    ok = grid[(grid["extractor"] == extractor) & (grid["reference"] == "train") & (grid["status"] == "ok")]
     return ok[["model", "seed", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str) -> None:
-    from .runtime import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    _pyplot().close(fig)
-
-
-def plot_budget_sweep(sweep: pd.DataFrame, path: str, caption: str) -> None:
-    """Bits/dim and FID against training FLOPs (log x), mean ± std over seeds, one line per model."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    trained = sweep[sweep["train_flops"] > 0]
-    colours = dict(zip(sweep["model"].unique(), plt.get_cmap("tab10").colors))
-    for model, g in trained.groupby("model", sort=False):
-        g = g.sort_values("train_flops")
-        axes[0].errorbar(g["train_flops"], g["bpd"], yerr=g["bpd_std"].fillna(0), color=colours[model],
-                         marker="o", capsize=3, label=f"{model} ({g['estimator'].iloc[0]})")
-        axes[1].errorbar(g["train_flops"], g["fid"], yerr=g["fid_std"].fillna(0), color=colours[model],
-                         marker="o", capsize=3, label=f"{model} ({g['sampler'].iloc[0]})")
-    for row in sweep[sweep["train_flops"] <= 0].itertuples():  # closed form: a reference line
-        axes[0].axhline(row.bpd, color=colours[row.model], linestyle=":", label=f"{row.model} (closed form)")
-    for ax, ylabel in zip(axes, ("test bits/dim (upper bound)", f"FID ({PRIMARY_EXTRACTOR} features)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (measured)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[1].set_yscale("log")
-    fig.suptitle(caption, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_fid_vs_nfe(points: pd.DataFrame, path: str, caption: str) -> None:
-    """FID against NFE (log x), one line per (model, sampler)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 5))
-    colours = dict(zip(points["model"].unique(), plt.get_cmap("tab10").colors))
-    styles = {"ancestral": dict(marker="s", linestyle="none"), "ddim": dict(marker="o", linestyle="-"),
-              "dpm++2m": dict(marker="^", linestyle="--")}
-    hidden = points[points["nfe"] <= 0]  # no network (the baseline): no place on a log axis
-    for (model, sampler), g in points[points["nfe"] > 0].groupby(["model", "sampler_name"], sort=False):
-        g = g.sort_values("nfe")
-        ax.plot(g["nfe"], g["fid"], color=colours[model], label=f"{model} ({sampler})",
-                **styles.get(sampler, dict(marker="x", linestyle=":")))
-    if len(hidden):
-        caption += "\n" + "; ".join(f"{r.model}: NFE 0, FID {r.fid:.3g} (not shown)" for r in hidden.itertuples())
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("network evaluations per sample (NFE)")
-    ax.set_ylabel(f"FID ({PRIMARY_EXTRACTOR} features)")
-    ax.set_title(caption, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=1, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.tight_layout()
-    _save(fig, path)
 
 
 PARAM_TOLERANCE = 0.10  # parameter counts matched within +-10% of the trained models' median
@@ -279,7 +259,8 @@ def provenance(trains: list[dict[str, Any]], budget: int) -> list[str]:
     seeds = first["seeds"]
     fractions = max((t["fractions"] for t in trains), key=len)  # closed-form models have only 100%
     return [
-        f"dataset: {first['dataset']} (train {first['n_train']} / test {first['n_test']} images, "
+        f"dataset: {first['dataset']} (train {first['n_train']} / validation {first.get('n_val', 0)} / test "
+        f"{first['n_test']} images; defaults chosen on validation, tables on test; "
         f"{first['levels']} levels, shape {'x'.join(map(str, first['shape']))})",
         f"budget: {budget:,} training images seen per model and run (batch {first['batch_size']}); "
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) per model; budget sweep checkpoints at "
@@ -320,7 +301,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, sampling: pd.DataFrame,
-             caption: list[str], timings: pd.DataFrame | None = None) -> str:
+             caption: list[str], timings: pd.DataFrame | None = None,
+             significance: pd.DataFrame | None = None) -> str:
     seeds = int(comparison["seeds"].max())
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     fmt = pd.DataFrame({
@@ -331,9 +313,15 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         "bits/dim": [_pm(m, s, ".4f") for m, s in zip(comparison["bpd"], comparison["bpd_std"])],
         "SE": comparison["bpd_se"].map(lambda v: _fmt(v, ".4f")),
         "estimator": comparison["bpd_estimator"],
-        f"FID ({PRIMARY_EXTRACTOR})": [_pm(m, s, ".3f") for m, s in zip(comparison["fid"], comparison["fid_std"])],
+        "tied (bits/dim)": comparison["tied_bpd"],
+        "FID vs train": [_pm(m, s, ".3f") for m, s in zip(comparison["fid"], comparison["fid_std"])],
+        "FID vs test": [_pm(m, s, ".3f") for m, s in zip(comparison["fid_test"], comparison["fid_test_std"])],
+        "tied (FID)": comparison["tied_fid"],
         "FID (Inception-v3)": comparison["fid_inception"].map(  # the reason is listed below the tables
             lambda v: "not available" if str(v).startswith("not available") else v),
+        "copies": comparison["copies"].map(lambda v: _fmt(v, ".3f")),
+        "closer (pixels)": comparison["close_pixel"].map(lambda v: _fmt(v, ".3f")),
+        "closer (features)": comparison["close_features"].map(lambda v: _fmt(v, ".3f")),
         "sampler": comparison["sampler"], "nfe": comparison["nfe"],
         "samples/s": [_pm(m, s, ".1f") for m, s in zip(comparison["samples_per_sec"],
                                                         comparison["samples_per_sec_std"])],
@@ -354,7 +342,7 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         f"FID ({PRIMARY_EXTRACTOR})": [_pm(m, s, ".3f") for m, s in zip(sweep["fid"], sweep["fid_std"])],
     })
     sfmt = grid_rows(sampling)
-    sfmt = sfmt[sfmt["status"] == "ok"].copy()
+    sfmt = sfmt[(sfmt["status"] == "ok") & (sfmt["reference"] == "train")].copy()
     sfmt["KID ± std"] = [_fmt(k, ".5f") + (f" ± {s:.5f}" if not pd.isna(s) else "")
                          for k, s in zip(sfmt["kid"], sfmt["kid_std"])]
     for c, spec in (("fid", ".4f"), ("fid_torchmetrics", ".4f"), ("fid_rel_diff", ".1e"),
@@ -363,7 +351,7 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
     sfmt = sfmt[["model", "sampler", "nfe", "samples_per_sec", "extractor", "fid", "KID ± std", "precision",
                  "recall", "fid_torchmetrics", "fid_rel_diff"]]
     missing = sorted({f"{e}: {st}" for e, st in zip(sampling["extractor"], sampling["status"]) if st != "ok"})
-    ref = sampling["reference"].iloc[0]
+    refs = dict(zip(sampling["reference"], sampling["reference_set"]))
     n = sampling["n_samples"].iloc[0]
     batch = sampling["speed_batch"].iloc[0]
     lines = ["# Model comparison", ""] + [f"- {c}" for c in caption] + [
@@ -372,10 +360,16 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         "the end of the budget. Bounds are upper bounds on -log P(x) of the discrete test images, "
         "in bits/dim (nats / (D ln 2)); `SE` is the mean over seeds of each run's standard error "
         "over test examples; the estimator is the model's tightest. "
-        f"Sample quality: FID, KID and precision/recall (torch-fidelity) of {n} samples "
-        f"per run against the {ref}, in the features of the named "
-        "extractor; `classifier` is the pipeline's domain classifier (`results/features/features.json`), "
-        "so its FIDs are comparable with each other but not with published Inception FIDs. "
+        f"Sample quality: FID, KID and precision/recall (torch-fidelity) of {n} samples per run against the "
+        f"{refs['train']} (the standard reference) and, beside it, the held-out {refs['test']}, in the "
+        f"features of {comparison['fid_extractor'].iloc[0]}: the FID classifier shipped with the repository "
+        "(fixed weights, SHA-256 shown), so these FIDs are comparable across machines and with each other, "
+        "but not with published Inception FIDs. Memorisation: `copies` is the fraction of samples identical "
+        "to a training image; `closer` the fraction of samples nearer to their nearest training image (in "
+        "pixels, or in the classifier's features) than 95% of the held-out test images are to theirs "
+        "(about 0.05 for a model that does not memorise; near 1 for one that copies). `tied`: models whose "
+        "difference from this one is not significant (95% Welch interval over seeds contains 0; see "
+        "'Which differences are real'). "
         f"Speed: samples/s at batch {batch} after a warm-up batch, median over the other full batches "
         "(device above); NFE = network evaluations per sample. Per-run numbers: `results/runs.csv`.",
         "",
@@ -398,6 +392,18 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         sfmt.to_markdown(index=False, disable_numparse=True),
         "",
     ] + [f"Not computed: {m}" for m in missing] + ([""] if missing else [])
+    if significance is not None and len(significance):
+        sig = significance.copy()
+        for c in ("diff", "ci_lo", "ci_hi"):
+            sig[c] = sig[c].map(lambda v: _fmt(v, ".4f"))
+        sig["p_value"] = sig["p_value"].map(lambda v: _fmt(v, ".3g"))
+        lines += ["## Which differences are real (95% confidence intervals of model_a − model_b)", "",
+                  "Welch t intervals over seeds (bits/dim, and FID against the training split), and for "
+                  "bits/dim the paired t interval over the test images within each seed (the same images "
+                  "scored by both models: tighter, but it speaks of these trained networks, not of the "
+                  "training procedure). `tied`: the interval contains 0 (or cannot be computed).", "",
+                  sig[["metric", "test", "model_a", "model_b", "diff", "ci_lo", "ci_hi", "p_value",
+                       "tied"]].to_markdown(index=False, disable_numparse=True), ""]
     if timings is not None:
         t = timings.assign(seconds=timings["seconds"].map(lambda v: _fmt(v, ".1f")))
         lines += ["## Stage wall-clock times (seconds, this run's device)", "",

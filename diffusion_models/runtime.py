@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,20 +34,35 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache
-def source_digest() -> str:
-    """SHA-1 of this package's source files: what a kept checkpoint or resume state must have
-    been made by (the same granularity as the stages' DVC dependency on the package)."""
+def source_digest(files: tuple[str, ...]) -> str:
+    """SHA-1 of the named source files of this package (paths relative to it): what a kept
+    checkpoint or a stage's record must have been made by."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha1()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for name in sorted(files):
+        f = root / name
+        if not f.is_file():
+            raise FileNotFoundError(f"source digest: no file {f}")
+        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@functools.cache
+def processor() -> str:
+    """The CPU's model name (timings and low bits of results depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_label(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({processor()}, {platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -107,3 +124,41 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
     return json.loads(path.read_text())
+
+
+class Progress:
+    """Progress of a long loop: a tqdm bar on a terminal; otherwise (under `dvc repro`, in CI)
+    a plain line every `every` seconds with the count, rate, ETA and the latest postfix."""
+
+    def __init__(self, total: int, desc: str, *, initial: int = 0, unit: str = "it", every: float = 10.0,
+                 enabled: bool = True):
+        self.total, self.desc, self.n, self.unit, self.every = total, desc, initial, unit, every
+        self.enabled, self.postfix = enabled, ""
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, mininterval=2.0)
+        self.start = self.last = time.perf_counter()
+        self.start_n = initial
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif self.enabled and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            rate = (self.n - self.start_n) / max(self.last - self.start, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+            print(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({self.n / self.total:.0%}), "
+                  f"{rate:,.0f} {self.unit}/s, ETA {eta:.0f} s" + (f", {self.postfix}" if self.postfix else ""),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

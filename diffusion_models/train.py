@@ -1,6 +1,7 @@
 """Training under a budget counted in images seen (as NVlabs/edm counts kimg)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -12,11 +13,9 @@ from typing import Any, Callable
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
-
 from .config import TrainConfig
 from .models.base import Model
-from .runtime import atomic_path, device_label, source_digest
+from .runtime import Progress, atomic_path, device_label
 
 
 class TrainingError(RuntimeError):
@@ -48,18 +47,19 @@ class Resume:
 
 # TrainConfig fields that do not change what one run computes or reports (the device and
 # threads are in the key as resolved; seeds and fractions choose which runs and snapshots exist)
-_NOT_IN_KEY = ("device", "threads", "checkpoint_every", "seeds", "fractions")
+_NOT_IN_KEY = ("device", "threads", "checkpoint_every", "seeds", "fractions", "val_every", "val_t_samples")
 
 
-def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
+def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, code: str, processes: int = 1) -> dict[str, Any]:
     """What a resume state or a kept checkpoint must match: the model, its config, the
-    training config (seed included), the data, the package's code, torch's version, and
-    where it ran (device with thread count, data-parallel processes), which its timings and
-    rounding depend on."""
+    training config (seed included), the data, `code` (a digest of the source files that
+    define this model and its training, nothing else), torch's version, and where it ran
+    (device with thread count, data-parallel processes), which its timings and rounding
+    depend on."""
     train = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
     digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
     return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest,
-            "code_sha1": source_digest(), "torch": str(torch.__version__),
+            "code_sha1": code, "torch": str(torch.__version__),
             "device": device_label(images.device), "processes": processes}
 
 
@@ -110,13 +110,15 @@ def batch_sizes(images: int, batch_size: int) -> list[int]:
 
 
 def measure_flops(model: Model, x: torch.Tensor) -> float:
-    """FLOPs of one training step (loss forward + backward) on batch x, per image."""
+    """FLOPs of one training step (loss forward + backward) on batch x, per image; measured on
+    a copy of the model with the RNG states restored, so it changes nothing of the run."""
     if not any(p.requires_grad for p in model.parameters()):
         return 0.0
+    probe = copy.deepcopy(model)
     counter = FlopCounterMode(display=False)
-    with counter:
-        model.loss(x).backward()
-    model.zero_grad(set_to_none=True)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), counter:
+        probe.loss(x).backward()
     return counter.get_total_flops() / len(x)
 
 
@@ -151,14 +153,30 @@ def snapshot_steps(cfg: TrainConfig, fractions: list[float]) -> dict[int, float]
     return out
 
 
+def _validate(model: Model, validate: Callable[[Model], float]) -> float:
+    """validate(model) in eval mode without gradients, leaving every RNG state as it was."""
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            return validate(model)
+        finally:
+            model.train()
+
+
 def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
-          log: Callable[[int, int, float], None] | None = None, progress: bool = True,
+          log: Callable[[int, int, dict[str, float]], None] | None = None, progress: bool = True,
           resume: Resume | None = None,
           snapshot: tuple[set[int], Callable[[dict[str, torch.Tensor], TrainResult], None]] | None = None,
+          validate: Callable[[Model], float] | None = None,
           ) -> TrainResult:
     """Fit `model` on integer images [N,C,H,W] (already on the model's device).
 
-    `log(step, images_seen, loss)` is called every `cfg.log_every` steps (DVCLive hook).
+    `log(step, images_seen, {"train/loss": ..., "val/bpd": ...})` is called every
+    `cfg.log_every` steps (DVCLive hook), with `validate(model)` (a bound on held-out data,
+    bits/dim; run with the RNG states restored, so it changes nothing of the run) every
+    `cfg.val_every` steps and at the end. `progress`: a tqdm bar, or when False and standard
+    error is no terminal, a line every few seconds (runtime.Progress).
     Models without trainable parameters are only fitted by `init_from_data`. With `resume`,
     the full training state (weights, optimizer, EMA, data order, RNG states, counters) is
     saved atomically every `resume.every` steps, and a run that finds a state of the same
@@ -177,7 +195,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     if not params:  # fitted in closed form: log its training loss once, as step 0
         loss = float(model.loss(images).item())
         if log is not None:
-            log(0, 0, loss)
+            log(0, 0, {"train/loss": loss, **({"val/bpd": validate(model)} if validate else {})})
         return TrainResult(0, 0, 0.0, 0.0, 0.0, 0.0, loss)
 
     n = len(images)
@@ -207,8 +225,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         step_loss = torch.nn.parallel.DistributedDataParallel(_Loss(model))
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=cfg.images, initial=seen, unit="img", disable=not progress, desc=f"train {model.name}",
-               mininterval=2.0)
+    bar = Progress(cfg.images, f"train {model.name} seed {cfg.seed}", initial=seen, unit="img", enabled=progress)
     for step in range(done + 1, len(sizes) + 1):
         bs = sizes[step - 1]
         if cursor + bs > n:  # new epoch: reshuffle
@@ -231,12 +248,17 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
         seen, done = seen + bs, step
         window.append(value)
         bar.update(bs)
-        if step % cfg.log_every == 0 or step == len(sizes):
+        last = step == len(sizes)
+        point = {}
+        if step % cfg.log_every == 0 or last:
             mean_loss = sum(window) / len(window)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if log is not None:
-                log(step, seen, mean_loss)
+            point["train/loss"] = mean_loss
             final_loss, window = mean_loss, []
+        if validate is not None and rank == 0 and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
+            point["val/bpd"] = _validate(model, validate)
+        if log is not None and point:
+            log(step, seen, point)
         if snapshot is not None and step in snapshot[0] and step < len(sizes):
             secs = elapsed + time.perf_counter() - start
             weights = (ema.module if ema is not None else model).state_dict()

@@ -67,7 +67,7 @@ def test_finished_runs_are_kept_only_when_made_by_the_same_code(tmp_path, monkey
     out = []
     for patched in (False, True):
         if patched:  # the package's code changed since: retrain
-            monkeypatch.setattr("diffusion_models.train.source_digest", lambda: "another version")
+            monkeypatch.setattr("diffusion_models.pipeline.train.code_digest", lambda *a: "another version")
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         assert main(["train", "vae"]) == 0
         out.append(capsys.readouterr().out)

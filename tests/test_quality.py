@@ -1,5 +1,10 @@
 """Sample-quality metrics: FID/KID/PR via torch-fidelity checked against closed forms,
-torchmetrics and corruption monotonicity; offline Inception weight loading."""
+torchmetrics and corruption monotonicity; offline Inception weight loading; the shipped
+classifier's integrity check."""
+import hashlib
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +14,9 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.utils import create_feature_extractor
 from torchmetrics.image.fid import _compute_fid
 
+from diffusion_models import data
 from diffusion_models import quality as q
+from diffusion_models.config import FeaturesConfig
 from helpers import digits_train
 
 CPU = torch.device("cpu")
@@ -30,10 +37,11 @@ def digits():
 
 @pytest.fixture(scope="module")
 def classifier_path(digits, tmp_path_factory):
-    """A domain classifier briefly trained on digits (held-out: the last 300 images)."""
-    labels = torch.from_numpy(__import__("diffusion_models").data.load("digits", "train").labels).long()
-    res = q.train_classifier(digits[:1200], labels[:1200], digits[1200:], labels[1200:], 17,
-                             epochs=8, width=16, lr=3e-3, batch_size=64, seed=0)
+    """A domain classifier briefly trained on digits (held-out: the validation split)."""
+    labels = torch.from_numpy(data.load("digits", "train").labels).long()
+    val = data.load("digits", "val")
+    res = q.train_classifier(digits, labels, torch.from_numpy(val.images).long(), torch.from_numpy(val.labels).long(),
+                             17, epochs=8, width=16, lr=3e-3, batch_size=64, seed=0)
     assert res.test_accuracy > 0.9, res.test_accuracy  # measured: 0.97 after 8 epochs
     path = tmp_path_factory.mktemp("clf") / "classifier.pt"
     q.save_classifier(res.model, path)
@@ -110,7 +118,7 @@ def test_reference_cache_is_required_when_not_writing(digits, classifier_path, t
 
 
 def test_missing_or_corrupt_classifier_is_a_clear_error(tmp_path):
-    with pytest.raises(q.QualityError, match="no domain classifier at"):
+    with pytest.raises(q.QualityError, match="no domain classifier at .*train-classifier"):
         q.load_classifier(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(q.QualityError, match="unreadable"):
@@ -142,3 +150,40 @@ def test_inception_weights_load_from_a_local_file_without_network(tmp_path, monk
     with torch.no_grad():
         (feats,) = fe(q.to_rgb_uint8(digits[:2], 17))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+
+def test_the_shipped_classifier_is_verified_and_a_tampered_file_is_refused(tmp_path, monkeypatch):
+    path, digest = q.classifier_weights("digits")
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+    assert q.extractor_label(q.CLASSIFIER, digest) == f"classifier (sha256 {digest[:12]})"
+    monkeypatch.setattr(q, "ASSETS", tmp_path)
+    shutil.copy(path, tmp_path / path.name)
+    shutil.copy(path.with_suffix(".json"), tmp_path / path.with_suffix(".json").name)
+    assert q.classifier_weights("digits")[1] == digest  # an identical copy is accepted
+    blob = bytearray((tmp_path / path.name).read_bytes())
+    blob[-1] ^= 1  # one bit changed
+    (tmp_path / path.name).write_bytes(bytes(blob))
+    with pytest.raises(q.QualityError, match=r"has SHA-256 [0-9a-f]{64}, but classifier-digits.json records "
+                                             f"{digest}: the file was modified or replaced"):
+        q.classifier_weights("digits")
+    (tmp_path / path.with_suffix(".json").name).unlink()
+    with pytest.raises(q.QualityError, match="recorded SHA-256 .* is missing"):
+        q.classifier_weights("digits")
+    with pytest.raises(q.QualityError, match=r"no FID classifier weights at .*classifier-mnist\.pt: retrain .*"
+                                             "train-classifier"):
+        q.classifier_weights("mnist")
+
+
+@pytest.mark.slow
+def test_retraining_the_classifier_reproduces_its_accuracy_not_its_bits():
+    """The documented retraining (train-classifier: the defaults of FeaturesConfig on the
+    training split, accuracy on validation) gives the shipped file's validation accuracy."""
+    f = FeaturesConfig()
+    split = {s: data.load("digits", s) for s in ("train", "val")}
+    t = {s: (torch.from_numpy(d.images).long(), torch.from_numpy(d.labels).long()) for s, d in split.items()}
+    res = q.train_classifier(*t["train"], *t["val"], 17, epochs=f.epochs, width=f.width, lr=f.lr,
+                             batch_size=f.batch_size, seed=f.seed)
+    shipped = json.loads(q.shipped_classifier("digits").with_suffix(".json").read_text())
+    assert shipped["n_train"] == len(split["train"]) and shipped["n_val"] == len(split["val"])
+    assert res.test_accuracy == pytest.approx(shipped["val_accuracy"], abs=0.01)

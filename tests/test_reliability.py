@@ -153,14 +153,14 @@ def test_a_resume_state_of_another_run_is_discarded_with_its_curve(tmp_path, mon
 
 
 def test_nan_stops_training_and_keeps_the_last_good_state(tmp_path):
-    m = _Linear((1, 4, 4), 17, _Linear.Config(nan_at=8))  # the flop count makes call 1; NaN at step 8
+    m = _Linear((1, 4, 4), 17, _Linear.Config(nan_at=8))  # NaN from step 9 (call 9)
     m.name = "lin"
     x = torch.randint(0, 17, (64, 1, 4, 4))
     path = tmp_path / "lin.resume.pt"
-    with pytest.raises(TrainingError, match=rf"lin: non-finite loss nan at step 8 .*last good state \(step 6\) "
+    with pytest.raises(TrainingError, match=rf"lin: non-finite loss nan at step 9 .*last good state \(step 6\) "
                                             rf"is kept in {path}"):
         cfg = TrainConfig(images=64 * 20, batch_size=8, log_every=1)
-        train(m, x, cfg, progress=False, resume=Resume(path, every=3, key=run_key(m, x, cfg)))
+        train(m, x, cfg, progress=False, resume=Resume(path, every=3, key=run_key(m, x, cfg, code="test")))
     state = torch.load(path, weights_only=True)
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -173,8 +173,52 @@ def test_a_resume_state_of_another_config_is_ignored(tmp_path):
         torch.manual_seed(0)
         m = models.build("vae", shape=(1, 8, 8), levels=17, width=8)
         cfg = TrainConfig(images=images, batch_size=16, seed=seed)
-        return train(m, x, cfg, progress=False, resume=Resume(path, every=2, key=run_key(m, x, cfg))), m
+        return train(m, x, cfg, progress=False, resume=Resume(path, every=2, key=run_key(m, x, cfg, code="test"))), m
 
     torch.save({"key": {"model": "other"}}, path)  # a stale state from some other run
     r, m = fit(1, 64)
     assert r.steps == 4 and not path.exists()
+
+
+def _small(name):
+    """Every registered model, small: few diffusion steps, narrow nets, a short HVAE warm-up."""
+    fields = models.get(name).Config.__dataclass_fields__
+    kw = {k: v for k, v in {"T": 40, "width": 8, "kl_warmup": 6}.items() if k in fields}
+    return models.build(name, shape=(1, 8, 8), levels=17, **kw)
+
+
+@pytest.mark.parametrize("name", [n for n in models.names() if any(p.requires_grad for p in _small(n).parameters())])
+def test_an_interrupted_run_resumes_bit_identically_for_every_model(name, tmp_path, monkeypatch):
+    """Stop training after step 9 (a resume state was saved at step 8), resume from that state:
+    the weights, optimizer state and every training counter (the HVAE's KL warm-up included)
+    end bit-identical to an uninterrupted run."""
+    import diffusion_models.train as train_mod
+
+    x = torch.randint(0, 17, (96, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(images=16 * 14, batch_size=16, log_every=1, val_every=0)
+
+    def fit(path):
+        torch.manual_seed(0)
+        m = _small(name)
+        return train(m, x, cfg, progress=False, resume=Resume(path, every=4, key=run_key(m, x, cfg, code="t"))), m
+
+    ref, ref_model = fit(tmp_path / "ref.pt")
+    clip, calls = train_mod.clip_gradients, [0]
+
+    def stop_after_step_9(*args):
+        calls[0] += 1
+        if calls[0] == 10:
+            raise KeyboardInterrupt
+        clip(*args)
+
+    monkeypatch.setattr(train_mod, "clip_gradients", stop_after_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 8
+    monkeypatch.setattr(train_mod, "clip_gradients", clip)
+    res, model = fit(tmp_path / "state.pt")
+    assert res.steps == ref.steps == 14 and res.final_loss == ref.final_loss
+    a, b = ref_model.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    if name == "hvae":
+        assert int(model.steps) == 14  # the warm-up counter continued, not restarted

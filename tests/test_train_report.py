@@ -59,8 +59,10 @@ def test_nan_loss_stops_training_naming_model_and_step():
     m = _Linear((1, 4, 4), 17, _Linear.Config(nan_at=4))
     m.name = "lin"
     x = torch.randint(0, 17, (64, 1, 4, 4))
-    # measure_flops makes one call, so the 4th training step is call 5
-    with pytest.raises(TrainingError, match=r"lin: non-finite loss nan at step 4"):
+    # measure_flops works on a copy: the model's own loss calls are the training steps
+    measure_flops(m, x[:8])
+    assert m.calls == 0
+    with pytest.raises(TrainingError, match=r"lin: non-finite loss nan at step 5"):
         train(m, x, TrainConfig(images=640, batch_size=8), progress=False)
 
 
@@ -117,10 +119,20 @@ def _records():
                     "steps": None if sampler == "ancestral" else nfe, "label": f"{sampler}, {nfe} steps",
                     "headline": headline, "nfe": nfe, "speed_batch": 8, "speed_repeats": 3, "sec_per_batch": 0.5,
                     "samples_per_sec": 16.0 + r["seed"], "sec_per_sample": 1 / 16, "sample_seconds": 2.0,
-                    "metrics": [{"extractor": "classifier", "status": "ok", "fid": fid, "kid": 0.1, "kid_std": 0.01,
-                                 "precision": 0.5, "recall": 0.6, "fid_torchmetrics": fid, "fid_rel_diff": 0.0},
-                                {"extractor": "inception-v3-compat", "status": "not available: no weights at w.pth"}]}
-        samples.append({"model": m, "n_samples": 50, "reference": "train split (9 images)", "dataset": "digits",
+                    "metrics": [{"extractor": "classifier", "reference": "train", "status": "ok", "fid": fid,
+                                 "kid": 0.1, "kid_std": 0.01, "precision": 0.5, "recall": 0.6, "fid_torchmetrics": fid,
+                                 "fid_rel_diff": 0.0, "extractor_label": "classifier (sha256 abc)"},
+                                {"extractor": "classifier", "reference": "test", "status": "ok", "fid": 2 * fid,
+                                 "kid": 0.2, "kid_std": 0.01, "precision": 0.5, "recall": 0.6,
+                                 "extractor_label": "classifier (sha256 abc)"}] + [
+                                {"extractor": "inception-v3-compat", "reference": ref, "extractor_label":
+                                 "inception-v3-compat", "status": "not available: no weights at w.pth"}
+                                for ref in ("train", "test")],
+                    "memorisation": {"pixel_copies": 0.01 * r["seed"], "pixel_close_frac": 0.05,
+                                     "features_close_frac": 0.1 * r["seed"]}}
+        samples.append({"model": m, "n_samples": 50, "references": {"train": "train split (9 images)",
+                                                                    "test": "test split (4 images)"},
+                        "dataset": "digits",
                         "device": "cpu", "points": [p for r in runs for p in [point(r, "ancestral", 1, True)] + (
                             [point(r, "ddim", 10, False)] if m == "vae" and r["seed"] == 0 and r["fraction"] == 1.0
                             else [])]})
@@ -139,7 +151,7 @@ def test_tables_report_mean_and_std_over_seeds_of_the_per_seed_numbers():
     import statistics
 
     trains, runs, nll_runs, sampling, comp = _tables()
-    assert len(runs) == 3 + 6 and len(sampling) == 2 * (3 + 6 + 1)
+    assert len(runs) == 3 + 6 and len(sampling) == 4 * (3 + 6 + 1)  # 2 extractors x 2 references
     row = comp.set_index("model").loc["vae"]
     bpd = [_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS]  # the tightest estimator at 100%
     fid = [_fid("vae", s, 1.0, 1) for s in SEEDS]         # the headline sampler, not the grid
@@ -147,6 +159,10 @@ def test_tables_report_mean_and_std_over_seeds_of_the_per_seed_numbers():
     assert row["bpd"] == pytest.approx(statistics.mean(bpd)) and row["bpd_std"] == pytest.approx(statistics.stdev(bpd))
     assert row["bpd_se"] == pytest.approx(0.02)  # mean of the runs' SEs 0.01, 0.02, 0.03
     assert row["fid"] == pytest.approx(statistics.mean(fid)) and row["fid_std"] == pytest.approx(statistics.stdev(fid))
+    assert row["fid_test"] == pytest.approx(2 * statistics.mean(fid))  # the held-out reference, side by side
+    assert row["fid_test_std"] == pytest.approx(2 * statistics.stdev(fid))
+    assert row["copies"] == pytest.approx(0.01) and row["close_features"] == pytest.approx(0.1)
+    assert row["fid_extractor"] == "classifier (sha256 abc)"
     assert row["samples_per_sec"] == pytest.approx(17.0) and row["samples_per_sec_std"] == pytest.approx(1.0)
     assert row["train_seconds_std"] == pytest.approx(1.0) and row["images_seen"] == 100
     assert row["fid_inception"] == "not available: no weights at w.pth" and row["matched"] == "yes"

@@ -156,7 +156,7 @@ def test_short_digits_training_is_finite():
     x = torch.from_numpy(ds.images).long()
     m = models.build("vdm", shape=ds.shape, levels=ds.levels)
     losses = []
-    res = train(m, x, TrainConfig(images=20_000, log_every=10), log=lambda s, n, v: losses.append(v),
+    res = train(m, x, TrainConfig(images=20_000, log_every=10), log=lambda s, n, v: losses.append(v["train/loss"]),
                 progress=False)
     assert np.isfinite(losses).all() and math.isfinite(res.final_loss)
     assert torch.isfinite(m.nll_bound(x[:16], t_samples=4)).all()

@@ -100,8 +100,9 @@ class HVAE(LatentVariableModel):
                                     for i in range(n))
         self.up = nn.Conv2d(width, width, 3, 1, 1)
         self.out = nn.Conv2d(width, 2 * c, 3, 1, 1)
-        # training steps taken, for the KL warm-up: training state, not saved with the weights
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
+        # training steps taken, for the KL warm-up: saved with the weights, so a resumed run
+        # continues the warm-up where it stopped
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Posterior offsets r_N..r_1 [B,2Z,h,w] (top first) from the bottom-up features of x."""

@@ -1,0 +1,148 @@
+"""What every pipeline stage shares: the file layout, params checks, records and the rule
+that a stage whose inputs have not changed rewrites nothing."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import data, models
+from ..config import Config
+from ..runtime import read_json, resolve_device, source_digest, write_json
+
+PREPARED = Path("data/prepared")
+RESULTS = Path("results")
+CHECKPOINTS = RESULTS / "checkpoints"
+TRAIN_RECORDS = RESULTS / "train"
+EVAL_RECORDS = RESULTS / "eval"
+METRICS = RESULTS / "metrics"        # compact numeric summaries: what `dvc metrics show` lists
+LIVE = RESULTS / "live"
+RESUME = RESULTS / "resume"          # mid-training states (git- and DVC-ignored)
+FEATURES = RESULTS / "features"      # reference statistics of the FID feature extractors
+REFERENCE_CACHE = FEATURES / "reference"
+SAMPLE_RECORDS = RESULTS / "sample"
+GRIDS = RESULTS / "samples"
+
+# The modules whose code can change a stage's numbers (beside the model's own class modules,
+# models/base.py and models/__init__.py): what the stage's run keys hash and dvc.yaml lists.
+TRAIN_SOURCES = ("nets.py", "likelihood.py", "train.py", "config.py", "pipeline/train.py")
+EVAL_SOURCES = ("nets.py", "likelihood.py", "evaluate.py", "pipeline/evaluate.py")
+SAMPLE_SOURCES = ("nets.py", "likelihood.py", "samplers.py", "evaluate.py", "quality.py", "memorisation.py",
+                  "pipeline/sample.py")
+
+RUN_FIELDS = ("seed", "fraction", "images_seen", "train_flops")  # what identifies a checkpoint in records
+
+_START = [time.perf_counter()]
+
+
+def start_clock() -> None:
+    _START[0] = time.perf_counter()
+
+
+def stage_seconds() -> float:
+    """Wall time of this stage's work, without the process's imports."""
+    return time.perf_counter() - _START[0]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run with the given params/files; the message says why."""
+
+
+def model_overrides(cfg: Config, name: str) -> dict[str, Any]:
+    models.get(name)  # unknown model: error naming it and the registered ones
+    if name not in cfg.models:
+        raise StageError(f"model '{name}' is not listed under 'models' in params.yaml "
+                         f"(listed: {', '.join(cfg.models)})")
+    return cfg.models[name]
+
+
+def setup_torch(cfg: Config, device: str | None) -> torch.device:
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    return resolve_device(device or cfg.train.device)
+
+
+def split(cfg: Config, name: str) -> data.Dataset:
+    """A prepared split (train | val | test), refused if it is another dataset than params say."""
+    ds = data.load_prepared(PREPARED / f"{name}.npz")
+    if ds.name != cfg.data.name:
+        raise StageError(f"prepared data is '{ds.name}' but params say data.name='{cfg.data.name}': "
+                         "rerun the prepare stage")
+    return ds
+
+
+def to_tensor(ds: data.Dataset, dev: torch.device) -> torch.Tensor:
+    return torch.from_numpy(ds.images.astype(np.int64)).to(dev)
+
+
+def run_seeds(cfg: Config) -> list[int]:
+    """The training seeds of every model: train.seed, +1, ... (train.seeds or the dataset's default)."""
+    n = cfg.train.seeds or data.spec(cfg.data.name).seeds
+    return [cfg.train.seed + i for i in range(n)]
+
+
+def checkpoint_path(name: str, seed: int, fraction: float) -> Path:
+    return CHECKPOINTS / name / f"seed{seed}-{fraction * 100:g}pct.pt"
+
+
+def model_sources(name: str, extra: tuple[str, ...]) -> list[str]:
+    """Package-relative source files whose code defines model `name` (its class and base
+    classes, the registry) plus `extra`: what a run key hashes."""
+    own = {c.__module__.removeprefix("diffusion_models.").replace(".", "/") + ".py"
+           for c in models.get(name).__mro__ if c.__module__.startswith("diffusion_models.")}
+    return sorted(own | {"models/__init__.py", "models/base.py"} | set(extra))
+
+
+def code_digest(name: str, extra: tuple[str, ...]) -> str:
+    return source_digest(tuple(model_sources(name, extra)))
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unchanged(path: Path, inputs: dict[str, Any]) -> bool:
+    """Whether the record at `path` was made from exactly `inputs` (then the stage has nothing
+    to do and rewrites nothing, so the stages after it stay up to date)."""
+    if not path.is_file():
+        return False
+    try:
+        return read_json(path).get("inputs") == inputs
+    except ValueError:
+        return False
+
+
+def train_record(cfg: Config, name: str) -> dict[str, Any]:
+    """What the train stage recorded for `name`, including its runs (seed, fraction,
+    checkpoint, training result); refused if params now give other seeds."""
+    model_overrides(cfg, name)
+    rec = read_json(TRAIN_RECORDS / f"{name}.json")
+    if rec["seeds"] != run_seeds(cfg):
+        raise StageError(f"{TRAIN_RECORDS / name}.json has seeds {rec['seeds']}, params give "
+                         f"{run_seeds(cfg)}: rerun the train stage")
+    return rec
+
+
+def load_model(cfg: Config, name: str, dev: torch.device, path: str | Path) -> models.Model:
+    """A trained checkpoint of `name`, refused if params now give a different model config."""
+    overrides = model_overrides(cfg, name)
+    model, state = models.load(path, map_location=dev)
+    expected = dataclasses.asdict(models.make_config(name, overrides))
+    if state["config"] != expected:
+        raise StageError(f"checkpoint {path} was trained with model config "
+                         f"{state['config']}, params.yaml now gives {expected}: retrain it")
+    return model.to(dev)
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    record["stage_seconds"] = stage_seconds()
+    write_json(path, record)

@@ -1,0 +1,48 @@
+"""The `evaluate@<model>` stage: every estimator of every run's checkpoints on the test split."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+from ..config import Config
+from ..evaluate import evaluate_bounds
+from ..runtime import device_label, versions, write_json
+from .common import (EVAL_RECORDS, EVAL_SOURCES, METRICS, PREPARED, RUN_FIELDS, code_digest, file_sha1, load_model, setup_torch,
+                     split, to_tensor, train_record, unchanged, write_record)
+
+
+def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    """IWAE at `sweep_iwae_k` on every checkpoint and at `iwae_k` on the final ones (models
+    with IWAE); the other estimators everywhere. The final checkpoints also keep every test
+    image's bound (for the paired comparisons of `compare`). Nothing is recomputed when the
+    checkpoints, the test split, the settings and the scoring code are those of the record."""
+    dev = setup_torch(cfg, device)
+    runs = train_record(cfg, name)["runs"]
+    path = EVAL_RECORDS / f"{name}.json"
+    inputs = {"checkpoints": {r["checkpoint"]: file_sha1(r["checkpoint"]) for r in runs},
+              "test_sha1": file_sha1(PREPARED / "test.npz"), "eval_config": dataclasses.asdict(cfg.evaluate),
+              "code_sha1": code_digest(name, EVAL_SOURCES), "device": device_label(dev)}
+    if unchanged(path, inputs):
+        print(f"evaluate {name}: checkpoints, data, settings and code unchanged; record kept")
+        return {}
+    x = to_tensor(split(cfg, "test"), dev)
+    out = []
+    for run in runs:
+        model = load_model(cfg, name, dev, run["checkpoint"])
+        final = run["fraction"] == 1.0
+        ks = [cfg.evaluate.sweep_iwae_k] + ([cfg.evaluate.iwae_k] if final else [])
+        bounds = evaluate_bounds(model, x, cfg.evaluate, iwae_ks=ks, per_example=final)
+        out.append({**{k: run[k] for k in RUN_FIELDS}, "bounds": bounds})
+        for label, b in bounds.items():
+            print(f"{name} seed {run['seed']} at {run['fraction']:.0%}: {label} {b['bpd']:.4f} ± "
+                  f"{b['bpd_se']:.4f} bits/dim ({b['seconds']:.1f}s)", flush=True)
+    record = {"model": name, "family": model.family, "dataset": cfg.data.name, "n_test": len(x),
+              "runs": out, "device": device_label(dev), "eval_config": dataclasses.asdict(cfg.evaluate),
+              "versions": versions(), "inputs": inputs}
+    write_record(path, record)
+    final = [r["bounds"] for r in out if r["fraction"] == 1.0]
+    best = min(final[0], key=lambda label: statistics.fmean(b[label]["bpd"] for b in final))
+    write_json(METRICS / f"{name}.json", {  # the tightest bound, mean over seeds of the final checkpoints
+        k: statistics.fmean(b[best][k] for b in final) for k in ("bpd", "bpd_se")})
+    return record

@@ -1,0 +1,192 @@
+"""The `prepare` and `train@<model>` stages: the fixed splits, then one run per seed with
+checkpoints at the budget sweep's fractions; kept runs, resume and the learning curves."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import data, models
+from ..config import Config, EvalConfig
+from ..likelihood import bits_per_dim
+from ..runtime import device_label, read_json, seed_everything, versions, write_json, write_text
+from ..train import Resume, run_key, snapshot_steps
+from ..train import train as fit
+from .common import (CHECKPOINTS, LIVE, METRICS, PREPARED, RESUME, TRAIN_RECORDS, TRAIN_SOURCES, checkpoint_path,
+                     code_digest, model_overrides, run_seeds, setup_torch, split, to_tensor, write_record)
+
+
+def prepare(cfg: Config) -> None:
+    d = cfg.data
+    sizes = {}
+    for name in data.SPLITS:
+        ds = data.load(d.name, name, d.root, split_seed=d.split_seed, test_size=d.test_size, val_size=d.val_size)
+        data.save_prepared(ds, PREPARED / f"{name}.npz")
+        sizes[name] = len(ds)
+        print(f"prepared {d.name}/{name}: {len(ds)} images {ds.shape}, {ds.levels} levels")
+    write_json(PREPARED / "meta.json", {"dataset": d.name, "levels": ds.levels, "shape": ds.shape,
+                                        **{f"n_{k}": v for k, v in sizes.items()},
+                                        "config": dataclasses.asdict(d)})
+
+
+def _truncate_live(tsv_dir: Path, step: int) -> None:
+    """Keep only DVCLive points logged at or before `step` (its TSVs: step, value)."""
+    for tsv in tsv_dir.rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= step]
+        write_text(tsv, "\n".join(keep) + "\n")
+
+
+def _kept_run(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The training result stored in checkpoint `path` if it was trained with run key `key`."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["train"] if state.get("run_key") == key else None
+
+
+def _prepare_resume(resume: Resume | None, steps: dict[int, float], done: dict[float, Any], curve: Path) -> bool:
+    """Whether the run continues from `resume`'s saved state: only a state of this very run
+    (same key) whose passed snapshots are all on disk; any other state is deleted. When it
+    continues, the learning curve is cut back to the state's step."""
+    if resume is None or not resume.path.is_file():
+        return False
+    state = torch.load(resume.path, weights_only=True)
+    at = state["step"]
+    if state.get("key") != resume.key or any(st <= at and f not in done for st, f in steps.items()):
+        resume.path.unlink()  # another run's state, or a snapshot it passed is gone
+        return False
+    _truncate_live(curve, at)
+    return True
+
+
+def _init_distributed(dev: torch.device) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def validation_bound(model: models.Model, val: torch.Tensor, t_samples: int, batch: int = 512):
+    """The learning curve's held-out score: the model's first (cheapest) estimator on the
+    validation split (ELBO, a VLB with `t_samples` strata of t, ...), bits/dim, fixed noise."""
+    _, kwargs = model.estimators(EvalConfig(iwae_k=1, t_samples=t_samples))[0]
+    torch.manual_seed(0)
+    nats = torch.cat([model.nll_bound(val[i: i + batch], **kwargs) for i in range(0, len(val), batch)])
+    return float(bits_per_dim(nats.double().mean().item(), model.dims))
+
+
+def _clean(name: str, wanted: set[Path], seeds: list[int], metrics_dir: Path) -> None:
+    """Remove what an earlier run with other seeds or fractions left behind, and writes cut
+    short by a kill."""
+    for old in sorted((CHECKPOINTS / name).glob("*.pt")) + sorted((CHECKPOINTS / name).glob(".*.tmp")):
+        if old not in wanted:
+            old.unlink()
+    for old in sorted(metrics_dir.glob("*")):
+        if old.name not in {f"seed{s}" for s in seeds}:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
+    """Train one run per seed, keeping checkpoints at the budget sweep's fractions. A run whose
+    checkpoints are all present from an earlier, identical run (same model, training config,
+    seed, data and code) is kept, so a stage killed mid-way loses nothing already trained;
+    when every run is kept and the record would not change, nothing is rewritten."""
+    from dvclive import Live
+
+    overrides = model_overrides(cfg, name)
+    train_ds = split(cfg, "train")
+    meta = read_json(PREPARED / "meta.json")
+    dev = setup_torch(cfg, device)
+    rank, world = _init_distributed(dev)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    images = to_tensor(train_ds, dev)
+    val = to_tensor(split(cfg, "val"), dev)
+    build = lambda: models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)  # noqa: E731
+    seeds, code = run_seeds(cfg), code_digest(name, TRAIN_SOURCES)
+    probe = build()
+    trainable = any(p.requires_grad for p in probe.parameters())
+    fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
+    metrics_dir = LIVE / name / "plots" / "metrics"
+    if rank == 0:
+        _clean(name, {checkpoint_path(name, s, f) for s in seeds for f in fractions}, seeds, metrics_dir)
+    live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
+                if rank == 0 else contextlib.nullcontext())
+    runs, trained = [], False
+    with live_ctx as live:
+        if live is not None:
+            live.log_params({"model": name, "seeds": seeds, "fractions": fractions,
+                             "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
+                             "model_config": dataclasses.asdict(probe.cfg)})
+        for seed in seeds:
+            tcfg = dataclasses.replace(cfg.train, seed=seed)
+            seed_everything(seed)
+            model = build()
+            key = run_key(model, images, tcfg, code, processes=world)
+            resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
+                        "model": dataclasses.asdict(model.cfg)}
+            done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
+            if world == 1 and len(done) == len(fractions):
+                print(f"{name} seed {seed}: kept from an earlier identical run")
+            else:
+                trained = True
+                steps = snapshot_steps(tcfg, fractions)
+                resume = (Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key)
+                          if world == 1 else None)
+                resuming = _prepare_resume(resume, steps, done, metrics_dir / f"seed{seed}")
+                if rank == 0 and not resuming:
+                    shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
+
+                def log(step: int, seen: int, point: dict[str, float]) -> None:
+                    live.step = step
+                    for k, v in point.items():
+                        live.log_metric(f"seed{seed}/{k}", v)
+                    live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
+                    live.next_step()
+
+                def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
+                    """This run's checkpoint at a budget fraction (rank 0 writes it)."""
+                    done[fraction] = result.as_dict()
+                    if rank == 0:
+                        models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
+                                    resolved=resolved, train=result.as_dict(), run_key=key)
+
+                result = fit(model, images, tcfg, log=log if live is not None else None, progress=rank == 0,
+                             resume=resume, validate=lambda m: validation_bound(m, val, cfg.train.val_t_samples),
+                             snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
+                save(1.0, result)
+                print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
+                      f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
+            runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **done[f]}
+                     for f in fractions]
+    if rank != 0:  # rank 0 writes the outputs
+        return {}
+    record = {
+        "model": name, "family": model.family, "params": model.num_params(),
+        "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
+        "n_train": meta["n_train"], "n_val": meta["n_val"], "n_test": meta["n_test"],
+        "budget_images": cfg.train.images, "batch_size": cfg.train.batch_size, "seeds": seeds,
+        "fractions": fractions, "processes": world, "device": device_label(dev), "versions": versions(),
+        "config": {**resolved, "train": dataclasses.asdict(cfg.train)}, "code_sha1": code, "runs": runs,
+    }
+    path = TRAIN_RECORDS / f"{name}.json"
+    if not trained and path.is_file():
+        old = read_json(path)
+        if {k: v for k, v in old.items() if k != "stage_seconds"} == json.loads(json.dumps(record)):
+            print(f"{name}: every run kept, record unchanged")
+            return old
+    write_record(path, record)
+    final = [r for r in runs if r["fraction"] == 1.0]
+    write_json(METRICS / f"{name}.train.json", {
+        "params": model.num_params(), "train_s": statistics.fmean(r["train_seconds"] for r in final),
+        "tflops": statistics.fmean(r["train_flops"] for r in final) / 1e12})
+    return record

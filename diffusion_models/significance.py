@@ -1,0 +1,167 @@
+"""Which differences between models are real: t intervals for differences of means.
+
+- `welch`: Welch's unequal-variance t test / interval (Welch 1947; Satterthwaite 1946 degrees
+  of freedom) for a metric measured over independent seeds of two models;
+- `paired`: one-sample t interval on per-item differences (e.g. per-test-image bpd of model A
+  minus model B on the same images), the paired t test (Student 1908);
+- `pairwise_welch` / `pairwise_paired`: those tests for every unordered pair of models, one
+  row per pair, with `tied` = the interval does not exclude 0 (difference not established);
+- `tied_with`: for each model, the models it is tied with.
+
+Only the t distribution's quantile/tail (`scipy.stats.t.ppf` / `t.sf`) come from scipy; the
+means, variances, degrees of freedom and intervals are computed here.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import t as student_t
+
+WELCH_TEST = "Welch t over seeds"
+COLUMNS = ["metric", "model_a", "model_b", "test", "diff", "ci_lo", "ci_hi",
+           "p_value", "n_a", "n_b", "tied"]
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _constant(x: np.ndarray) -> bool:
+    """All values equal (zero sample variance, tested exactly rather than via rounding)."""
+    return bool(np.all(x == x[0]))
+
+
+def _t_interval(diff: float, se: float, df: float, confidence: float) -> tuple[float, float, float]:
+    """(ci_lo, ci_hi, two-sided p) for estimate `diff` with standard error `se` on `df` dof."""
+    half = float(student_t.ppf(0.5 + confidence / 2.0, df)) * se
+    p = float(2.0 * student_t.sf(abs(diff) / se, df))
+    return diff - half, diff + half, min(p, 1.0)
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """Welch's t interval and two-sided test for mean(a) - mean(b) (Welch 1947).
+
+    Sample variances use ddof=1; df is the Welch-Satterthwaite approximation
+    (va/na + vb/nb)^2 / ((va/na)^2/(na-1) + (vb/nb)^2/(nb-1)).
+    If either sample has fewer than 2 values, or both samples are constant (variance 0), `ci_lo`, `ci_hi`, `df`
+    and `p_value` are NaN (no spread can be estimated); `diff` is still given (NaN if a sample
+    is empty). Returns keys diff, ci_lo, ci_hi, df, p_value, n_a, n_b.
+    """
+    _check_confidence(confidence)
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    na, nb = int(x.size), int(y.size)
+    diff = float(x.mean() - y.mean()) if na and nb else math.nan
+    out = {"diff": diff, "ci_lo": math.nan, "ci_hi": math.nan, "df": math.nan,
+           "p_value": math.nan, "n_a": na, "n_b": nb}
+    if na < 2 or nb < 2:
+        return out
+    if _constant(x) and _constant(y):  # exact test: var() of equal values may be ~1e-33
+        return out
+    va = 0.0 if _constant(x) else x.var(ddof=1) / na  # squared standard errors of the means
+    vb = 0.0 if _constant(y) else y.var(ddof=1) / nb
+    se2 = va + vb
+    df = float(se2 ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)))
+    lo, hi, p = _t_interval(diff, math.sqrt(se2), df, confidence)
+    out.update(ci_lo=lo, ci_hi=hi, df=df, p_value=p)
+    return out
+
+
+def paired(d: Sequence[float], confidence: float = 0.95) -> dict:
+    """Paired t interval and two-sided test on per-item differences d (Student 1908).
+
+    mean(d) +- t_{n-1} * sd(d, ddof=1) / sqrt(n). With fewer than 2 differences, or all
+    differences exactly equal (sd 0), `ci_lo`, `ci_hi` and `p_value` are NaN.
+    Returns keys diff, ci_lo, ci_hi, p_value, n.
+    """
+    _check_confidence(confidence)
+    x = np.asarray(d, dtype=np.float64).ravel()
+    n = int(x.size)
+    out = {"diff": float(x.mean()) if n else math.nan, "ci_lo": math.nan, "ci_hi": math.nan,
+           "p_value": math.nan, "n": n}
+    if n < 2:
+        return out
+    sd = float(x.std(ddof=1))
+    if _constant(x) or not math.isfinite(sd):
+        return out
+    lo, hi, p = _t_interval(out["diff"], sd / math.sqrt(n), n - 1, confidence)
+    out.update(ci_lo=lo, ci_hi=hi, p_value=p)
+    return out
+
+
+def _is_tied(lo: float, hi: float) -> bool:
+    """True unless the interval [lo, hi] lies entirely on one side of 0 (NaN -> tied)."""
+    return not (lo > 0.0 or hi < 0.0)
+
+
+def pairwise_welch(runs: pd.DataFrame, metrics: list[str], confidence: float = 0.95) -> pd.DataFrame:
+    """Welch test over seeds for every metric and unordered pair of models.
+
+    `runs`: one row per (model, seed), columns `model`, `seed` and the metric columns; NaN values
+    are dropped per metric. Models are ordered by first appearance; each pair (a, b) has a
+    before b and diff = mean(a) - mean(b). Columns: see `COLUMNS`.
+    """
+    missing = [c for c in ["model", "seed", *metrics] if c not in runs.columns]
+    if missing:
+        raise ValueError(f"runs lacks column(s) {missing}")
+    models = list(pd.unique(runs["model"]))
+    rows = []
+    for metric in metrics:
+        values = {m: runs.loc[runs["model"] == m, metric].dropna().to_numpy(dtype=np.float64)
+                  for m in models}
+        for ma, mb in itertools.combinations(models, 2):
+            r = welch(values[ma], values[mb], confidence)
+            rows.append({"metric": metric, "model_a": ma, "model_b": mb, "test": WELCH_TEST,
+                         "diff": r["diff"], "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
+                         "p_value": r["p_value"], "n_a": r["n_a"], "n_b": r["n_b"],
+                         "tied": _is_tied(r["ci_lo"], r["ci_hi"])})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def pairwise_paired(per_item: dict[tuple[str, int], np.ndarray], metric: str = "bpd",
+                    confidence: float = 0.95) -> pd.DataFrame:
+    """Paired t test over test images for every seed and unordered pair of models with that seed.
+
+    `per_item[(model, seed)]`: per-test-image values on the same images in the same order for
+    every model. diff = mean(a - b); models ordered by first appearance among the keys, seeds
+    ascending. Raises ValueError naming the models if two arrays of one seed differ in length.
+    """
+    models = list(dict.fromkeys(m for m, _ in per_item))
+    seeds = sorted({s for _, s in per_item})
+    rows = []
+    for seed in seeds:
+        have = [m for m in models if (m, seed) in per_item]
+        for ma, mb in itertools.combinations(have, 2):
+            xa = np.asarray(per_item[(ma, seed)], dtype=np.float64).ravel()
+            xb = np.asarray(per_item[(mb, seed)], dtype=np.float64).ravel()
+            if xa.size != xb.size:
+                raise ValueError(f"seed {seed}: per-image arrays of models {ma!r} ({xa.size}) and "
+                                 f"{mb!r} ({xb.size}) differ in length; they must cover the "
+                                 "same test images")
+            r = paired(xa - xb, confidence)
+            rows.append({"metric": metric, "model_a": ma, "model_b": mb,
+                         "test": f"paired over test images, seed {seed}",
+                         "diff": r["diff"], "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
+                         "p_value": r["p_value"], "n_a": r["n"], "n_b": r["n"],
+                         "tied": _is_tied(r["ci_lo"], r["ci_hi"])})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def tied_with(table: pd.DataFrame, metric: str, test_prefix: str = "Welch") -> dict[str, list[str]]:
+    """For each model in the rows of `table` for `metric` whose `test` starts with `test_prefix`,
+    the sorted list of the other models it is tied with (models in order of first appearance)."""
+    rows = table[(table["metric"] == metric)
+                 & table["test"].astype(str).str.startswith(test_prefix)]
+    out: dict[str, set[str]] = {}
+    for ma, mb, tied in zip(rows["model_a"], rows["model_b"], rows["tied"]):
+        out.setdefault(ma, set())
+        out.setdefault(mb, set())
+        if bool(tied):
+            out[ma].add(mb)
+            out[mb].add(ma)
+    return {m: sorted(others) for m, others in out.items()}

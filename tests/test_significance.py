@@ -1,0 +1,172 @@
+"""Significance of model differences: Welch and paired t intervals checked against scipy.stats
+and hand calculations; tie detection on clear and null cases; table helpers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from diffusion_models import significance as sig
+
+# Made-up per-seed numbers (bits/dim etc.): equal n, unequal n, unequal variances, n=2.
+WELCH_CASES = [
+    ([3.12, 3.15, 3.11, 3.14, 3.13], [3.20, 3.18, 3.22, 3.19, 3.21]),
+    ([1.02, 0.98, 1.05], [1.10, 0.90, 1.20, 0.85, 1.00, 1.15, 0.95]),
+    ([10.0, 10.1, 9.9, 10.05], [12.0, 8.0, 11.5, 9.0, 10.5, 7.5]),
+    ([2.5, 2.7], [2.4, 2.41, 2.39]),
+    ([5.0, 6.0, 7.0, 8.0, 9.0, 10.0], [5.5, 6.5, 7.5]),
+]
+
+
+@pytest.mark.parametrize("a,b", WELCH_CASES)
+@pytest.mark.parametrize("confidence", [0.95, 0.9])
+def test_welch_matches_scipy(a, b, confidence):
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(confidence)
+    r = sig.welch(a, b, confidence)
+    assert r["diff"] == pytest.approx(np.mean(a) - np.mean(b), rel=1e-12, abs=1e-12)
+    assert r["df"] == pytest.approx(ref.df, rel=1e-10)
+    assert r["p_value"] == pytest.approx(ref.pvalue, rel=1e-8, abs=1e-15)
+    assert r["ci_lo"] == pytest.approx(ci.low, rel=1e-10, abs=1e-12)
+    assert r["ci_hi"] == pytest.approx(ci.high, rel=1e-10, abs=1e-12)
+    assert (r["n_a"], r["n_b"]) == (len(a), len(b))
+
+
+def test_welch_by_hand():
+    # a: mean 2, var 1 (n 3); b: mean 5, var 4 (n 5) -> se^2 = 1/3 + 4/5 = 17/15
+    a, b = [1.0, 2.0, 3.0], [3.0, 3.0, 5.0, 7.0, 7.0]
+    assert np.var(b, ddof=1) == pytest.approx(4.0)
+    se2 = 1 / 3 + 4 / 5
+    df = se2**2 / ((1 / 3) ** 2 / 2 + (4 / 5) ** 2 / 4)
+    r = sig.welch(a, b)
+    assert r["diff"] == pytest.approx(-3.0)
+    assert r["df"] == pytest.approx(df)
+    half = stats.t.ppf(0.975, df) * math.sqrt(se2)
+    assert (r["ci_lo"], r["ci_hi"]) == pytest.approx((-3.0 - half, -3.0 + half))
+
+
+def test_welch_one_constant_sample_is_defined():
+    # Only b varies: df = nb - 1, interval = diff +- t * sd_b / sqrt(nb).
+    a, b = [1.0, 1.0, 1.0], [1.5, 2.0, 2.5, 3.0]
+    r = sig.welch(a, b)
+    assert r["df"] == pytest.approx(3.0)
+    half = stats.t.ppf(0.975, 3) * np.std(b, ddof=1) / 2.0
+    assert (r["ci_lo"], r["ci_hi"]) == pytest.approx((-1.25 - half, -1.25 + half))
+
+
+@pytest.mark.parametrize("a,b", [([3.0], [3.1, 3.2, 3.3]), ([3.0, 3.1], [2.0]),
+                                 ([1.0, 1.0, 1.0], [2.0, 2.0])])
+def test_welch_degenerate_gives_nan(a, b):
+    r = sig.welch(a, b)
+    assert r["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    for k in ("ci_lo", "ci_hi", "df", "p_value"):
+        assert math.isnan(r[k]), k
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.99])
+def test_paired_matches_scipy(confidence):
+    rng = np.random.default_rng(1)
+    xa = rng.normal(3.0, 0.5, 200)
+    xb = xa + rng.normal(0.05, 0.2, 200)  # same images, B slightly worse
+    r = sig.paired(xa - xb, confidence)
+    rel = stats.ttest_rel(xa, xb)
+    one = stats.ttest_1samp(xa - xb, 0.0)
+    ci = one.confidence_interval(confidence)
+    assert r["n"] == 200
+    assert r["diff"] == pytest.approx(np.mean(xa - xb))
+    assert r["p_value"] == pytest.approx(rel.pvalue, rel=1e-8, abs=1e-300)
+    assert r["p_value"] == pytest.approx(one.pvalue, rel=1e-8, abs=1e-300)
+    assert (r["ci_lo"], r["ci_hi"]) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    rel_ci = rel.confidence_interval(confidence)
+    assert (r["ci_lo"], r["ci_hi"]) == pytest.approx((rel_ci.low, rel_ci.high), rel=1e-10)
+
+
+def test_paired_degenerate():
+    assert math.isnan(sig.paired([0.3])["ci_lo"])
+    r = sig.paired([0.2, 0.2, 0.2])
+    assert r["diff"] == pytest.approx(0.2) and math.isnan(r["p_value"])
+
+
+def _runs(values: dict[str, list[float]], metric: str = "bpd") -> pd.DataFrame:
+    rows = [{"model": m, "seed": s, metric: v} for m, vs in values.items()
+            for s, v in enumerate(vs)]
+    return pd.DataFrame(rows)
+
+
+def test_pairwise_welch_rows_and_ties():
+    rng = np.random.default_rng(0)
+    same = rng.normal(3.0, 0.05, 10)
+    runs = _runs({"vae": list(3.6 + rng.normal(0, 0.02, 10)),
+                  "hvae": list(same),
+                  "ddpm": list(same)})  # identical distribution (indeed values) to hvae
+    runs["fid"] = [np.nan] * 9 + [5.0] + list(range(20))  # vae has a single fid value
+    t = sig.pairwise_welch(runs, ["bpd", "fid"])
+    assert list(t.columns) == sig.COLUMNS
+    assert len(t) == 6
+    bpd = t[t.metric == "bpd"]
+    assert list(zip(bpd.model_a, bpd.model_b)) == [("vae", "hvae"), ("vae", "ddpm"),
+                                                   ("hvae", "ddpm")]
+    assert set(t.test) == {"Welch t over seeds"}
+    first = bpd.iloc[0]
+    ref = stats.ttest_ind(runs.bpd[:10], runs.bpd[10:20], equal_var=False)
+    assert first["diff"] == pytest.approx(runs.bpd[:10].mean() - runs.bpd[10:20].mean())
+    assert first.p_value == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-300)
+    assert first.ci_lo > 0 and not first.tied  # clearly separated: vae worse
+    assert bpd.iloc[2].tied and bpd.iloc[2]["diff"] == 0.0
+    fid = t[t.metric == "fid"]
+    vae_rows = fid[fid.model_a == "vae"]
+    assert (vae_rows.n_a == 1).all() and vae_rows.tied.all()  # NaN dropped -> n=1 -> NaN ci
+    assert vae_rows.ci_lo.isna().all() and vae_rows.p_value.isna().all()
+    assert fid.iloc[2].n_a == 10 and not fid.iloc[2].tied  # range(10) vs range(10, 20)
+
+
+def test_pairwise_welch_same_distribution_mostly_tied():
+    # Null case: all models draw from one distribution; about 5% of intervals exclude 0.
+    rng = np.random.default_rng(3)
+    runs = _runs({f"m{i}": list(rng.normal(3.0, 0.1, 5)) for i in range(20)})
+    t = sig.pairwise_welch(runs, ["bpd"])
+    assert len(t) == 190
+    assert 0.85 <= t.tied.mean() <= 1.0
+
+
+def test_pairwise_paired():
+    rng = np.random.default_rng(2)
+    base = rng.normal(3.0, 0.5, 300)
+    per_item = {("a", 0): base, ("b", 0): base + 0.1 + rng.normal(0, 0.05, 300),
+                ("c", 0): base + rng.normal(0, 0.05, 300), ("a", 1): base + 0.01,
+                ("b", 1): base + 0.01}
+    t = sig.pairwise_paired(per_item)
+    assert list(t.columns) == sig.COLUMNS
+    assert list(zip(t.model_a, t.model_b, t.test)) == [
+        ("a", "b", "paired over test images, seed 0"),
+        ("a", "c", "paired over test images, seed 0"),
+        ("b", "c", "paired over test images, seed 0"),
+        ("a", "b", "paired over test images, seed 1")]
+    assert (t.metric == "bpd").all() and (t.n_a == 300).all() and (t.n_b == 300).all()
+    ab = t.iloc[0]
+    ref = stats.ttest_rel(per_item[("a", 0)], per_item[("b", 0)])
+    assert ab.p_value == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-300)
+    assert ab.ci_hi < 0 and not ab.tied
+    assert t.iloc[3].tied and math.isnan(t.iloc[3].ci_lo)  # identical arrays: zero spread
+
+
+def test_pairwise_paired_length_mismatch_names_models():
+    per_item = {("ddpm", 0): np.zeros(10), ("vdm", 0): np.zeros(9)}
+    with pytest.raises(ValueError, match=r"'ddpm'.*'vdm'"):
+        sig.pairwise_paired(per_item)
+
+
+def test_tied_with():
+    t = pd.DataFrame({
+        "metric": ["bpd"] * 3 + ["fid"] + ["bpd"],
+        "model_a": ["x", "x", "y", "x", "x"],
+        "model_b": ["y", "z", "z", "y", "z"],
+        "test": ["Welch t over seeds"] * 4 + ["paired over test images, seed 0"],
+        "tied": [True, False, True, False, True],
+    })
+    assert sig.tied_with(t, "bpd") == {"x": ["y"], "y": ["x", "z"], "z": ["y"]}
+    assert sig.tied_with(t, "fid") == {"x": [], "y": []}
+    assert sig.tied_with(t, "bpd", "paired") == {"x": ["z"], "z": ["x"]}
