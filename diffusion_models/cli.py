@@ -7,6 +7,7 @@
     python -m diffusion_models sample MODEL [--device ...]
     python -m diffusion_models compare
     python -m diffusion_models train-classifier [--out PATH]
+    python -m diffusion_models select MODEL KEY=V1,V2 ... [--device ...]
     python -m diffusion_models fetch mnist|cifar10
 """
 from __future__ import annotations
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("compare", help="write the tables and figures of results/")
     s = sub.add_parser("train-classifier", help="retrain the FID classifier of data.name (changes the feature space)")
     s.add_argument("--out", default=None, help="weights file (default: the one shipped for the dataset)")
+    s = sub.add_parser("select", help="choose defaults on the validation split: train and score a grid")
+    s.add_argument("model")
+    s.add_argument("grid", nargs="+", help="KEY=V1,V2,... (model config or train.* keys)")
+    s.add_argument("--device", default=None, help=device_help)
     f = sub.add_parser("fetch", help="download and verify a real dataset pinned in data.dvc")
     f.add_argument("dataset")
     args = p.parse_args(argv)
@@ -75,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import features, train
 
             train.prepare(cfg) if args.cmd == "prepare" else features.train_classifier(cfg, args.out)
+        elif args.cmd == "select":
+            from .pipeline.select import select
+
+            select(cfg, args.model, args.grid, args.device)
         elif args.cmd == "compare":
             from .pipeline.compare import compare
 

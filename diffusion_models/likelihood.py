@@ -1,4 +1,4 @@
-"""Discrete-data likelihood helpers (DESIGN.md: every bound is on -log P(x) for integer x).
+"""Discrete-data likelihood helpers (README, "Conventions": every bound is on -log P(x) for integer x).
 
 Pixels x in {0..L-1} are mapped to bin centres in [-1, 1]; a continuous distribution is
 turned into a probability over the L bins by integrating it over each bin, with the edge

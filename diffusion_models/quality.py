@@ -1,5 +1,5 @@
 """Sample quality the standard way: FID, KID and precision/recall computed by torch-fidelity,
-FID cross-checked with torchmetrics on the same features (DESIGN.md, "Sample quality").
+FID cross-checked with torchmetrics on the same features (README, "Sample quality").
 
 Two feature extractors:
 - `classifier`: a small CNN trained on the training split (fixed seed), registered with

@@ -95,7 +95,7 @@ def test_baseline_matches_independent_count_model():
     p = counts / counts.sum(1, keepdims=True)
     expected = -np.log2(p[np.arange(64), flat_te]).sum(1).mean() / 64
     assert got == pytest.approx(expected, rel=1e-5)
-    assert 2.3 < expected < 2.5  # DESIGN.md reference point: ~2.42 bits/dim
+    assert 2.3 < expected < 2.5  # reference point: ~2.42 bits/dim (README, "Conventions")
 
 
 def test_vae_kl_term_matches_torch_distributions():

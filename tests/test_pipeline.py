@@ -15,9 +15,10 @@ from diffusion_models.cli import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"name": "digits"},
-    "train": {"images": 256, "batch_size": 64, "seed": 0, "seeds": 2, "fractions": [0.5, 1.0], "device": "cpu"},
+    "train": {"images": 256, "batch_size": 64, "seed": 0, "seeds": 2, "fractions": [0.5, 1.0], "device": "cpu",
+              "val_every": 2},
     "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2},
-    "features": {"epochs": 2, "width": 8, "inception_weights": None, "require_inception": False},
+    "features": {"inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
                "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]}},
     "compare": {"allow_unmatched": True},  # tiny models of different sizes
@@ -108,7 +109,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert list(comp.index) == ["baseline", "vae", "ddpm"] and (comp["seeds"] == 2).all()
     assert comp.loc["vae", "images_seen"] == 256 and comp.loc["vae", "family"] == "vae"
     assert comp.loc["vae", "train_flops"] > 0 and (comp["fid"] > 0).all() and (comp["fid_std"] > 0).all()
-    assert (comp["fid_extractor"] == "classifier").all() and (comp["n_samples"] == 64).all()
+    shipped = json.loads((REPO / "diffusion_models" / "assets" / "classifier-digits.json").read_text())["sha256"]
+    assert (comp["fid_extractor"] == f"classifier (sha256 {shipped[:12]})").all() and (comp["n_samples"] == 64).all()
+    assert (comp["fid_test"] > 0).all() and comp[["copies", "close_pixel", "close_features"]].notna().all().all()
     assert comp["fid_inception"].str.startswith("not available: no weights at").all()
     assert comp.loc["ddpm", "sampler"].startswith("dpm++2m, 4 steps") and comp.loc["ddpm", "nfe"] == 4
     ckpts = sorted(p.name for p in (results / "checkpoints" / "vae").iterdir())
@@ -119,10 +122,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert list(sweep[sweep["model"] == "ddpm"]["fraction"]) == [0.5, 1.0]
     assert (results / "budget_sweep.png").stat().st_size > 0
     sampling = pd.read_csv(results / "sampling.csv")
-    assert set(zip(sampling["model"], sampling["extractor"])) == {
-        (m, e) for m in ("baseline", "vae", "ddpm") for e in ("classifier", "inception-v3-compat")}
+    assert set(zip(sampling["model"], sampling["extractor"], sampling["reference"])) == {
+        (m, e, r) for m in ("baseline", "vae", "ddpm") for e in ("classifier", "inception-v3-compat")
+        for r in ("train", "test")}
     grid = sampling[(sampling["model"] == "ddpm") & (sampling["extractor"] == "classifier")
-                    & (sampling["seed"] == 0) & (sampling["fraction"] == 1.0)].set_index("sampler")
+                    & (sampling["reference"] == "train") & (sampling["seed"] == 0)
+                    & (sampling["fraction"] == 1.0)].set_index("sampler")
     assert sorted(grid["nfe"]) == [2, 2, 4, 40] and grid["headline"].sum() == 1
     anc = grid[grid["sampler_name"] == "ancestral"].iloc[0]
     ddim = grid[grid["sampler_name"] == "ddim"].iloc[0]
@@ -141,21 +146,31 @@ def test_dvc_repro_end_to_end(tmp_path):
     for image in ("real", "baseline", "vae", "ddpm"):
         assert (results / "samples" / f"{image}.png").stat().st_size > 0
     assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-2", "IWAE-4", "VLB (T=40, exact sum)"}
+    profile = pd.read_csv(results / "vlb_profile.csv")
+    ddpm_profile = profile[profile["model"] == "ddpm"]
+    assert len(ddpm_profile) == 39 + 2 and (results / "vlb_profile.png").stat().st_size > 0  # prior, 39 t, L_0
+    assert ddpm_profile["bpd"].sum() == pytest.approx(comp.loc["ddpm", "bpd"], rel=1e-9)  # the terms sum to the bound
+    sig = pd.read_csv(results / "significance.csv")
+    assert set(sig["metric"]) == {"bpd", "fid"} and len(sig[sig["test"] == "Welch t over seeds"]) == 2 * 3
+    assert len(sig[sig["test"].str.startswith("paired over test images")]) == 2 * 3
+    assert "## Which differences are real" in (results / "comparison.md").read_text()
+    curve = results / "live" / "vae" / "plots" / "metrics" / "seed0" / "val" / "bpd.tsv"
+    assert len(curve.read_text().splitlines()) == 1 + 2  # a validation bound every 2 steps of 4
     assert (nll["bpd"] > 0).all() and (nll["bpd_se"] > 0).all() and (nll["seeds"] == 2).all()
     md = (results / "comparison.md").read_text()
     assert "dataset: digits" in md and "budget: 256 training images" in md and "versions:" in md
     assert "mean ± std over 2 seeds" in md
-    metrics = json.loads((results / "metrics" / "vae.json").read_text())
-    assert set(metrics["bpd"]) == {"ELBO", "IWAE-2", "IWAE-4"}
-    # the stages' own means over seeds (dvc metrics) agree with compare's pandas means
+    # the stages' own means over seeds (dvc metrics, compact keys) agree with compare's pandas means
     metric = lambda m, kind: json.loads((results / "metrics" / f"{m}{kind}.json").read_text())  # noqa: E731
     for m in ("vae", "ddpm"):
-        assert metric(m, "")["bpd"][comp.loc[m, "bpd_estimator"]] == pytest.approx(comp.loc[m, "bpd"], rel=1e-12)
-        assert metric(m, ".sample")["fid"]["classifier"] == pytest.approx(comp.loc[m, "fid"], rel=1e-12)
-        assert metric(m, ".train")["train_seconds"] == pytest.approx(comp.loc[m, "train_seconds"], rel=1e-12)
+        assert metric(m, "")["bpd"] == pytest.approx(comp.loc[m, "bpd"], rel=1e-12)
+        assert metric(m, ".sample")["fid"] == pytest.approx(comp.loc[m, "fid"], rel=1e-12)
+        assert metric(m, ".sample")["fid_test"] == pytest.approx(comp.loc[m, "fid_test"], rel=1e-12)
+        assert metric(m, ".train")["train_s"] == pytest.approx(comp.loc[m, "train_seconds"], rel=1e-12)
     for seed in (0, 1):
         assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()
-    assert "bpd.IWAE-4" in sh("dvc", "metrics", "show")
+    shown = sh("dvc", "metrics", "show")
+    assert "bpd_se" in shown and max(map(len, shown.splitlines())) <= 120, shown
     plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=tmp_path, env=env,
                                       capture_output=True, text=True, check=True).stdout)["data"]
     assert {"results/live/vae/plots/metrics/seed1/train/loss.tsv", "results/budget_sweep.csv",
@@ -164,6 +179,22 @@ def test_dvc_repro_end_to_end(tmp_path):
                                           "deviation over 2 seeds").all()
     # nothing changed: everything is up to date
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
+    # the report's code changes: only compare is stale
+    with open(tmp_path / "diffusion_models" / "report.py", "a") as f:
+        f.write("# an edit of the report code\n")
+    stale = [ln for ln in sh("dvc", "status").splitlines() if ln.endswith(":") and not ln.startswith("\t")]
+    assert stale == ["compare:"], stale
+    sh("dvc", "repro")
+    # one model's file changes: its runs retrain and are rescored; the others' stages rerun but
+    # find their records made from the same inputs and rewrite nothing
+    before = {m: (results / "eval" / f"{m}.json").read_bytes() for m in ("baseline", "ddpm")}
+    with open(tmp_path / "diffusion_models" / "models" / "vae.py", "a") as f:
+        f.write("# an edit of the VAE's file\n")
+    out = sh("dvc", "repro")
+    assert "trained vae seed 0" in out and "trained vae seed 1" in out and "trained ddpm" not in out
+    assert "ddpm seed 0: kept" in out and "evaluate ddpm: checkpoints, data, settings and code unchanged" in out
+    assert "sample ddpm: checkpoints, references, settings and code unchanged" in out
+    assert before == {m: (results / "eval" / f"{m}.json").read_bytes() for m in ("baseline", "ddpm")}
     # one model's override changes: only that model's stages (and compare) are stale
     params = {**TINY, "models": {**TINY["models"], "vae": {"width": 8, "latent_dim": 4}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -176,3 +207,19 @@ def test_dvc_repro_end_to_end(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc", "repro", "train@vae")
     assert "vae seed 0: kept" in out and "vae seed 1: kept" in out and "trained vae seed 2" in out
+
+
+def test_training_and_selection_never_read_the_test_split(tmp_path, monkeypatch, capsys):
+    """The test split feeds the final tables only: with it gone, training (with its validation
+    curve), choosing defaults and retraining the FID classifier all still run."""
+    params = {**TINY, "models": {"vae": {"width": 8}}, "train": {**TINY["train"], "seeds": 1}}
+    assert run_cli(tmp_path, monkeypatch, capsys, params, "prepare")[0] == 0
+    (tmp_path / "data" / "prepared" / "test.npz").unlink()
+    for argv in (["train", "vae"], ["select", "vae", "latent_dim=4,8"],
+                 ["train-classifier", "--out", str(tmp_path / "clf.pt")]):
+        code, err = run_cli(tmp_path, monkeypatch, capsys, params, *argv)
+        assert code == 0, (argv, err)
+    code, err = run_cli(tmp_path, monkeypatch, capsys, params, "evaluate", "vae")
+    assert code == 2 and "missing prepared data" in err and "test.npz" in err
+    table = pd.read_csv(tmp_path / "results" / "selection" / "vae-latent_dim.csv")
+    assert sorted(set(table["latent_dim"])) == [4, 8] and (table["val_bpd"] > 0).all()

@@ -1,4 +1,4 @@
-"""The common model interface (DESIGN.md): evaluation code relies on this and nothing else."""
+"""The common model interface (README, "Conventions"): evaluation code relies on this and nothing else."""
 from __future__ import annotations
 
 import math
