@@ -195,7 +195,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     if not params:  # fitted in closed form: log its training loss once, as step 0
         loss = float(model.loss(images).item())
         if log is not None:
-            log(0, 0, {"train/loss": loss, **({"val/bpd": validate(model)} if validate else {})})
+            log(0, 0, {"train/loss": loss, **({"val/bpd": _validate(model, validate)} if validate else {})})
         return TrainResult(0, 0, 0.0, 0.0, 0.0, 0.0, loss)
 
     n = len(images)

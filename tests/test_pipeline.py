@@ -141,15 +141,16 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "\\begin{tabular}" in (results / "comparison.tex").read_text()
     assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 6  # 3 headline + 3 more ddpm grid points
     ok = sampling[sampling["status"] == "ok"]
-    assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()
     assert ok[["kid", "precision", "recall"]].notna().all().all()
+    ok = ok[ok["reference"] == "train"]  # the torchmetrics cross-check is of the standard reference
+    assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()
     for image in ("real", "baseline", "vae", "ddpm"):
         assert (results / "samples" / f"{image}.png").stat().st_size > 0
     assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-2", "IWAE-4", "VLB (T=40, exact sum)"}
     profile = pd.read_csv(results / "vlb_profile.csv")
     ddpm_profile = profile[profile["model"] == "ddpm"]
     assert len(ddpm_profile) == 39 + 2 and (results / "vlb_profile.png").stat().st_size > 0  # prior, 39 t, L_0
-    assert ddpm_profile["bpd"].sum() == pytest.approx(comp.loc["ddpm", "bpd"], rel=1e-9)  # the terms sum to the bound
+    assert ddpm_profile["bpd"].sum() == pytest.approx(comp.loc["ddpm", "bpd"], rel=1e-6)  # the terms sum to the bound (float32 terms)
     sig = pd.read_csv(results / "significance.csv")
     assert set(sig["metric"]) == {"bpd", "fid"} and len(sig[sig["test"] == "Welch t over seeds"]) == 2 * 3
     assert len(sig[sig["test"].str.startswith("paired over test images")]) == 2 * 3
@@ -165,7 +166,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     for m in ("vae", "ddpm"):
         assert metric(m, "")["bpd"] == pytest.approx(comp.loc[m, "bpd"], rel=1e-12)
         assert metric(m, ".sample")["fid"] == pytest.approx(comp.loc[m, "fid"], rel=1e-12)
-        assert metric(m, ".sample")["fid_test"] == pytest.approx(comp.loc[m, "fid_test"], rel=1e-12)
+        assert metric(m, ".sample")["samples_s"] == pytest.approx(comp.loc[m, "samples_per_sec"], rel=1e-12)
         assert metric(m, ".train")["train_s"] == pytest.approx(comp.loc[m, "train_seconds"], rel=1e-12)
     for seed in (0, 1):
         assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()
@@ -182,7 +183,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     # the report's code changes: only compare is stale
     with open(tmp_path / "diffusion_models" / "report.py", "a") as f:
         f.write("# an edit of the report code\n")
-    stale = [ln for ln in sh("dvc", "status").splitlines() if ln.endswith(":") and not ln.startswith("\t")]
+    stale = [ln for ln in sh("dvc", "status").splitlines() if ln.endswith(":") and not ln.startswith("\t")
+             and ln != "data.dvc:"]  # the frozen pins of the real datasets, never fetched here
     assert stale == ["compare:"], stale
     sh("dvc", "repro")
     # one model's file changes: its runs retrain and are rescored; the others' stages rerun but

@@ -74,7 +74,7 @@ def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
                              "n_test": len(test)},
               "extractors": status, "device": device_label(dev), "versions": versions()}
     write_record(FEATURES / "features.json", record)
-    write_json(METRICS / "features.json", {"classifier_test_accuracy": accuracy})
+    write_json(METRICS / "features.json", {"clf_acc": accuracy})  # the FID classifier's test accuracy
     print(f"FID classifier {status[quality.CLASSIFIER]['label']}: test accuracy {accuracy:.4f}")
     return record
 

@@ -84,7 +84,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     path = SAMPLE_RECORDS / f"{name}.json"
     inputs = {"checkpoints": {r["checkpoint"]: file_sha1(r["checkpoint"]) for r in runs},
               "data_sha1": {r: file_sha1(PREPARED / f"{r}.npz") for r in REFERENCES},
-              "extractors": {e: [str(p), st, d] for e, (p, st, d) in spaces.items()},
+              "extractors": {e: [p.name if p else None, st, d] for e, (p, st, d) in spaces.items()},
               "sample_config": dataclasses.asdict(s), "code_sha1": code_digest(name, SAMPLE_SOURCES),
               "device": device_label(dev)}
     if unchanged(path, inputs):
@@ -141,6 +141,5 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     fid = lambda p, ref: next(r["fid"] for r in p["metrics"] if r["reference"] == ref)  # noqa: E731
     write_json(METRICS / f"{name}.sample.json", {  # mean over seeds: headline sampler, final checkpoints
         "fid": statistics.fmean(fid(p, "train") for p in final),
-        "fid_test": statistics.fmean(fid(p, "test") for p in final),
-        "samples_per_sec": statistics.fmean(p["samples_per_sec"] for p in final), "nfe": final[0]["nfe"]})
+        "samples_s": statistics.fmean(p["samples_per_sec"] for p in final)})
     return record
