@@ -94,8 +94,9 @@ class SampleConfig:
                                   # (first full batch = warm-up, median over the other full ones)
     seed: int = 0                 # sample noise of training seed s: seed + s
     # sampler grid, run on the first seed's final checkpoint: sampler -> step counts; a model is
-    # run at the entries it supports (diffusion: ancestral [T], ddim, dpm++2m)
-    grid: dict[str, list[int]] = field(default_factory=lambda: {"ddim": [10, 20, 50, 100],
+    # run at the entries it supports (diffusion: ancestral (respaced), ddim, dpm++2m)
+    grid: dict[str, list[int]] = field(default_factory=lambda: {"ancestral": [10, 20, 50, 100],
+                                                                "ddim": [10, 20, 50, 100],
                                                                 "dpm++2m": [10, 20, 50, 100]})
     eta: float = 0.0              # DDIM eta (0: deterministic DDIM, 1: DDPM-like noise)
     spacing: str = "trailing"     # timestep spacing of ddim / dpm++2m: trailing | leading

@@ -69,24 +69,40 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
 
 def draw_samples(model: Model, n: int, batch_size: int, generator: torch.Generator | None = None,
                  **sampler: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """n samples in calls of `batch_size`, and the sampling speed at that batch size: the
-    first full batch is the warm-up, the figures are the median over the other full batches
-    (NaN when there are fewer than two full batches)."""
-    images, full = [], []
+    """n samples in calls of `batch_size` (without autograd), and the sampling speed at that
+    batch size: the first full batch is the warm-up, the figures are the median over the other
+    full batches (NaN when there are fewer than two full batches).
+
+    `nfe` is counted, not declared: the forward calls of `model.nfe_module()` (a hook, for the
+    duration of sampling) per call of `model.sample`, the same for every batch (else their
+    mean); `nfe_declared` is `model.nfe(**sampler)`, what the model says it runs."""
+    images, full, calls = [], [], []
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    for i in range(0, n, batch_size):
-        b = min(batch_size, n - i)
-        sync()
-        t0 = time.perf_counter()
-        images.append(model.sample(b, generator=generator, **sampler))
-        sync()
-        if b == batch_size:
-            full.append(time.perf_counter() - t0)
-    total = time.perf_counter() - start
+    module = model.nfe_module()
+    counter = [0]
+    hook = None if module is None else module.register_forward_hook(
+        lambda *_: counter.__setitem__(0, counter[0] + 1))
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                counter[0] = 0
+                sync()
+                t0 = time.perf_counter()
+                images.append(model.sample(b, generator=generator, **sampler))
+                sync()
+                if b == batch_size:
+                    full.append(time.perf_counter() - t0)
+                calls.append(counter[0])
+            total = time.perf_counter() - start
+    finally:
+        if hook is not None:
+            hook.remove()
     timed = full[1:]
     med = statistics.median(timed) if timed else math.nan
-    speed = {"nfe": model.nfe(**sampler), "speed_batch": batch_size, "speed_repeats": len(timed),
-             "sec_per_batch": med, "samples_per_sec": batch_size / med, "sec_per_sample": med / batch_size,
-             "sample_seconds": total}
+    nfe = calls[0] if len(set(calls)) == 1 else statistics.fmean(calls)
+    speed = {"nfe": nfe, "nfe_declared": model.nfe(**sampler), "speed_batch": batch_size,
+             "speed_repeats": len(timed), "sec_per_batch": med, "samples_per_sec": batch_size / med,
+             "sec_per_sample": med / batch_size, "sample_seconds": total}
     return torch.cat(images), speed

@@ -1,12 +1,13 @@
 """Deterministic-grid samplers shared by every diffusion model: DDIM and DPM-Solver++(2M).
 
-They see a model only through its `SolverView` (DESIGN.md: one interface, many families):
+They see a model only through its `SolverView` (one interface, many families):
     solver_times(steps, spacing) -> [steps + 1] decreasing times; the last is the data end
     alpha_sigma(times)    -> alpha [K], sigma [K]   (x_t = alpha_t x_0 + sigma_t eps)
     predict(x, time)      -> (x0_hat, eps_hat)      one network evaluation at one (0-dim) time
 The result is the continuous state at the last time; the model turns it into integers.
 
-DDIM: Song, Meng & Ermon 2021 (eq. 12, eta interpolates DDIM (0) and DDPM-like (1) noise).
+DDIM: Song, Meng & Ermon 2021 (eq. 12; eq. 16's sigma_t(eta), eta in [0, 1] interpolating
+DDIM (0) and the DDPM posterior's noise (1)).
 DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++", Alg. 2 (multistep, data prediction), with
 a first-order final step (as diffusers does for few steps).
 """
@@ -27,13 +28,27 @@ class SolverView(Protocol):
     def predict(self, x: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # time: 0-dim
 
 
-def label(sampler: str, steps: int, eta: float = 0.0, spacing: str = "trailing") -> str:
-    """Table label of a sampler setting, e.g. 'ddim, 50 steps, eta=0, trailing spacing'."""
-    if sampler == "ddim":
-        return f"ddim, {steps} steps, eta={eta:g}, {spacing} spacing"
-    if sampler in SOLVERS:
-        return f"{sampler}, {steps} steps, {spacing} spacing"
-    return f"{sampler}, {steps} steps"
+def ddim_sigma(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, eta: float) -> float:
+    """DDIM's noise scale sigma(eta) of a step from time t to the less noisy time s (eq. 16):
+    sigma^2 = eta^2 sigma_s^2 (1 - SNR_t / SNR_s), SNR = alpha^2 / sigma^2; for a variance-
+    preserving process (alpha^2 = alpha_bar, sigma^2 = 1 - alpha_bar) that is eq. 16's
+    eta^2 (1 - alpha_bar_s) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_s). eta = 1: the
+    std of the posterior q(x_s | x_t, x_0). eta in [0, 1] keeps sigma <= sigma_s."""
+    check_eta(eta)
+    snr_ratio = (alpha_t * sigma_s) ** 2 / (alpha_s * sigma_t) ** 2  # SNR_t / SNR_s, in [0, 1)
+    return eta * sigma_s * math.sqrt(1 - snr_ratio)
+
+
+def check_eta(eta: float) -> None:
+    if not 0 <= eta <= 1:  # also rejects NaN
+        raise ValueError(f"DDIM eta must be in [0, 1] (0: deterministic, 1: the DDPM posterior's noise), got eta={eta}")
+
+
+def label(sampler: str, steps: int, eta: float = 0.0, spacing: str | None = "trailing") -> str:
+    """Table label of a sampler setting, e.g. 'ddim, 50 steps, eta=0, trailing spacing' or
+    'ancestral, 20 steps, trailing spacing'; spacing None (a grid of every time): not named."""
+    parts = [sampler, f"{steps} steps"] + ([f"eta={eta:g}"] if sampler == "ddim" else [])
+    return ", ".join(parts + ([f"{spacing} spacing"] if spacing else []))
 
 
 def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: float = 0.0,
@@ -47,6 +62,7 @@ def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: fl
         raise ValueError(f"steps must be >= 1, got {steps}")
     if solver == "dpm++2m" and eta != 0:
         raise ValueError("dpm++2m is deterministic: eta must be 0")
+    check_eta(eta)
     times = view.solver_times(steps, spacing)
     alpha, sigma = (v.double().tolist() for v in view.alpha_sigma(times))  # python floats: no per-step syncs
     x0_prev, h_prev = None, 0.0
@@ -54,11 +70,11 @@ def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: fl
         x0, eps = view.predict(x, times[i])
         a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         if solver == "ddim":
-            # sigma_eta^2 = eta^2 (s_s^2 / s_t^2) (1 - a_t^2 s_s^2 / (a_s^2 s_t^2))
-            var = eta**2 * (s_s / s_t) ** 2 * (1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2)
-            x = a_s * x0 + math.sqrt(max(s_s**2 - var, 0.0)) * eps
-            if var > 0:
-                x = x + math.sqrt(var) * torch.randn(x.shape, generator=generator, device=x.device)
+            # eq. 12: x_s = a_s x0 + sqrt(s_s^2 - sig^2) eps + sig z; sig <= s_s as eta <= 1
+            sig = ddim_sigma(a_t, s_t, a_s, s_s, eta)
+            x = a_s * x0 + math.sqrt((s_s - sig) * (s_s + sig)) * eps
+            if sig > 0:
+                x = x + sig * torch.randn(x.shape, generator=generator, device=x.device)
         else:
             if s_s == 0:  # lambda_s = +inf: the update is the data prediction itself
                 x = x0

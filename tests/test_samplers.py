@@ -1,12 +1,29 @@
-"""Samplers: accuracy with the analytically optimal denoiser, determinism, NFE counts, errors."""
+"""Samplers: accuracy with the analytically optimal denoiser (against closed forms), DDIM's
+noise, respaced ancestral sampling, determinism, counted NFE, errors."""
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from diffusion_models import models
-from diffusion_models.samplers import solve
+from diffusion_models import likelihood as lk
+from diffusion_models.evaluate import draw_samples
+from diffusion_models.models.base import Model
+from diffusion_models.models.diffusion import make_betas
+from diffusion_models.samplers import ddim_sigma, solve
 
 SHAPE = (1, 2, 2)
 MU, S = 0.3, 0.5  # data: i.i.d. N(MU, S^2) per dimension
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def optimal_eps(x_t, alpha, sigma):
@@ -14,9 +31,10 @@ def optimal_eps(x_t, alpha, sigma):
     return sigma * (x_t - alpha * MU) / (alpha**2 * S**2 + sigma**2)
 
 
-def gaussian_model(name):
+def gaussian_model(name, **overrides):
     """A diffusion model whose network is replaced by the optimal denoiser of the Gaussian data."""
-    m = models.build(name, shape=SHAPE, levels=256, **({"T": 1000, "clip_x0": False} if name != "vdm" else {}))
+    m = models.build(name, shape=SHAPE, levels=256,
+                     **({"T": 1000, "clip_x0": False} if name != "vdm" else {}), **overrides)
     if name == "vdm":
         def eps_hat(z, gamma):
             g = gamma.double().view(-1, 1, 1, 1)
@@ -28,6 +46,51 @@ def gaussian_model(name):
             return optimal_eps(x_t.double(), ab.sqrt(), (1 - ab).sqrt()).float()
         m.denoise = denoise
     return m
+
+
+def trailing(T, k):
+    """The 'trailing' grid T, T - T/k, ..., T/k, then 0."""
+    return [round(T - i * T / k) for i in range(k)] + [0]
+
+
+def exact_moments(ab, times, kind, eta=0.0):
+    """Mean and variance (per dimension) of a sampler's output with the optimal denoiser of the
+    Gaussian data, from x_{t_0} ~ N(0, 1) over `times` (alpha_bar `ab`, float64 [T+1]).
+
+    The oracle's x0_hat = E[x_0 | x_t] = p x_t + q is linear in x_t, so every step is
+    x_s = A x_t + B + sd z and the output is Gaussian: (m, v) -> (A m + B, A^2 v + sd^2).
+    kind 'small' / 'large': Ho et al.'s posterior q(x_s | x_t, x_0 = x0_hat) of the respaced
+    process (beta' = 1 - ab_t / ab_s), variance beta~' = beta' (1 - ab_s) / (1 - ab_t) or
+    beta', the last step its mean; 'ddim': Song et al. eq. 12 with eq. 16's
+    sigma^2 = eta^2 (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s)."""
+    m, v = 0.0, 1.0
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+        a_t, s_t, a_s = math.sqrt(ab[t]), math.sqrt(1 - ab[t]), math.sqrt(ab[s])
+        p = a_t * S**2 / (a_t**2 * S**2 + s_t**2)
+        q = MU * (1 - p * a_t)
+        if kind == "ddim":
+            var = eta**2 * (1 - ab[s]) / (1 - ab[t]) * (1 - ab[t] / ab[s])
+            c = math.sqrt(1 - ab[s] - var) / s_t  # times eps_hat = (x_t - a_t x0_hat) / s_t
+            A, B = a_s * p + c * (1 - a_t * p), a_s * q - c * a_t * q
+        else:
+            beta = 1 - ab[t] / ab[s]
+            c0, ct = a_s * beta / (1 - ab[t]), math.sqrt(1 - beta) * (1 - ab[s]) / (1 - ab[t])
+            A, B = c0 * p + ct, c0 * q
+            last = i == len(times) - 2
+            var = 0.0 if last else beta * (1 - ab[s]) / (1 - ab[t]) if kind == "small" else beta
+        m, v = A * m + B, A * A * v + var
+    return m, v
+
+
+def assert_moments(x, mean, var, z=4.0):
+    """Sample mean and variance of the i.i.d. values x within z standard errors of (mean, var)."""
+    x = x.double().flatten()
+    n = len(x)
+    assert x.mean().item() == pytest.approx(mean, abs=z * math.sqrt(var / n))
+    assert x.var().item() == pytest.approx(var, abs=z * var * math.sqrt(2 / (n - 1)))
+
+
+# --------------------------------------------------------------------------- DDIM and DPM-Solver++
 
 
 @pytest.mark.parametrize("name", ["ddpm", "vdm"])
@@ -51,6 +114,48 @@ def test_solvers_with_the_optimal_denoiser_recover_the_data_distribution(name):
     assert err["dpm++2m"] <= err["ddim"], err
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_sigma_is_eq_16(schedule):
+    """sigma_t(eta)^2 = eta^2 (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s) (Song et al. eq. 16),
+    and for adjacent times at eta = 1 the DDPM posterior variance beta~_t."""
+    betas = make_betas(schedule, 1000)
+    ab = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]).tolist()
+    for t, s in [(1000, 999), (1000, 500), (700, 650), (300, 0), (20, 10), (2, 1), (1, 0)]:
+        args = math.sqrt(ab[t]), math.sqrt(1 - ab[t]), math.sqrt(ab[s]), math.sqrt(1 - ab[s])
+        for eta in (0.0, 0.3, 1.0):
+            expect = eta * math.sqrt((1 - ab[s]) / (1 - ab[t]) * (1 - ab[t] / ab[s]))
+            assert ddim_sigma(*args, eta) == pytest.approx(expect, rel=1e-9, abs=1e-15), (t, s, eta)
+        assert ddim_sigma(*args, 1.0) <= args[3]  # never more than the state's noise sigma_s
+        if s == t - 1:
+            post_var = betas[t - 1].item() * (1 - ab[s]) / (1 - ab[t])
+            assert ddim_sigma(*args, 1.0) ** 2 == pytest.approx(post_var, rel=1e-9)
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_ddim_eta_outside_0_1_is_an_error(eta):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        ddim_sigma(0.5, 0.8, 0.9, 0.4, eta)
+    m = models.build("ddpm", shape=(1, 4, 4), levels=17, T=40)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\].*eta="):
+        m.sample(2, sampler="ddim", steps=5, eta=eta)
+
+
+def test_ddim_with_eta_1_recovers_the_data_distribution_like_eta_0():
+    """Gaussian oracle, T=1000, all 1000 steps: closed form (`exact_moments`) sd 0.4961 (eta=1)
+    and 0.4985 (eta=0) against the data's 0.5, means 0.3000 / 0.2990 (the prior's mismatch);
+    the sampled moments agree with the closed form to 4 SE (SE of the sd ~0.0013). The old
+    variance (too large by 1/sigma_t^2, eps term dropped once it exceeded sigma_s^2) gave sd 1.7."""
+    m = gaussian_model("ddpm")
+    ab = m.alpha_bar.double().tolist()
+    x_T = torch.randn(20_000, *SHAPE, generator=torch.Generator().manual_seed(0))
+    for eta in (1.0, 0.0):
+        mean, var = exact_moments(ab, trailing(1000, 1000), "ddim", eta)
+        assert mean == pytest.approx(MU, abs=0.0015) and math.sqrt(var) == pytest.approx(S, abs=0.005)
+        with torch.no_grad():
+            x = solve(m, x_T, "ddim", 1000, eta=eta, generator=torch.Generator().manual_seed(1))
+        assert_moments(x, mean, var)
+
+
 def test_ddim_is_deterministic_given_the_seed_and_eta_adds_noise():
     m = models.build("ddpm", shape=(1, 8, 8), levels=17, T=100)
     draw = lambda seed, **kw: m.sample(16, generator=torch.Generator().manual_seed(seed), sampler="ddim", **kw)  # noqa: E731
@@ -61,34 +166,208 @@ def test_ddim_is_deterministic_given_the_seed_and_eta_adds_noise():
         assert not torch.equal(draw(0, steps=10, eta=0.0), draw(0, steps=10, eta=1.0))
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddpm_x0", "iddpm", "vdm"])
-@pytest.mark.parametrize("sampler, steps", [("ancestral", None), ("ddim", 7), ("dpm++2m", 5), ("dpm++2m", 1)])
-def test_reported_nfe_equals_network_calls(name, sampler, steps):
-    m = models.build(name, shape=(1, 8, 8), levels=17, **({"T": 40} if name != "vdm" else {}))
-    if name == "vdm" and steps is None:
-        steps = 40  # vdm's ancestral sampler takes any number of steps (default 1000)
-    calls = []
-    m.net.register_forward_hook(lambda *a: calls.append(1))
-    x = m.sample(3, sampler=sampler, steps=steps)
-    assert len(calls) == m.nfe(sampler=sampler, steps=steps)
-    assert x.shape == (3, 1, 8, 8) and x.min() >= 0 and x.max() <= 16
+# --------------------------------------------------------------------------- respaced ancestral
 
 
-def test_latent_models_report_one_decoder_pass_per_level():
-    for name, expect in (("vae", 1), ("hvae", 4), ("baseline", 0)):
+def algorithm_2(m, x, generator):
+    """Ho et al. 2020, Alg. 2 with the model's own p(x_{t-1} | x_t): the reference full sampler."""
+    for step in range(m.cfg.T, 0, -1):
+        t = torch.full((len(x),), step, dtype=torch.long)
+        mean, logvar = m.mean_logvar(m.denoise(x, t), x, t)
+        x = mean + torch.exp(0.5 * logvar) * torch.randn(x.shape, generator=generator) if step > 1 else mean
+    return x
+
+
+@pytest.mark.parametrize("name, overrides", [("ddpm", {}), ("ddpm", {"variance": "large"}), ("ddpm_x0", {}),
+                                             ("iddpm", {})])
+def test_ancestral_at_T_steps_is_algorithm_2(name, overrides):
+    m = models.build(name, shape=(1, 4, 4), levels=17, T=40, **overrides)
+    with torch.no_grad():  # a network whose outputs (eps, and v for iddpm) are not all zero
+        nn.init.normal_(m.net.unet.out[-1].weight, std=0.05, generator=torch.Generator().manual_seed(3))
+        gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+        g = gen()
+        ref = algorithm_2(m, torch.randn(5, 1, 4, 4, generator=g), g)
+        for kw in ({}, {"steps": 40}, {"steps": 40, "spacing": "leading"}):
+            g = gen()
+            x = m.ancestral(torch.randn(5, 1, 4, 4, generator=g), generator=g, **kw)
+            assert torch.allclose(x, ref, rtol=0, atol=1e-6), (kw, (x - ref).abs().max())
+            assert torch.equal(m.sample(5, generator=gen(), **kw), lk.from_unit(ref, m.levels))
+
+
+@pytest.mark.parametrize("steps", [50, 100])
+def test_respaced_ancestral_with_the_optimal_denoiser_recovers_the_data_distribution(steps):
+    """Gaussian oracle, T=1000: the sampled moments match the respaced process's closed form to
+    4 SE (160k values: SE of the variance ~0.0009), and that closed form is the data's up to
+    the sampler's own discretisation error: the 'small' (beta~') variance under- and the
+    'large' (beta') variance over-disperses, bracketing S^2 = 0.25 (50 steps: 0.197 / 0.262;
+    100 steps: 0.219 / 0.257), closer at more steps; the mean is MU to 1e-5."""
+    ab = gaussian_model("ddpm").alpha_bar.double().tolist()
+    times = trailing(1000, steps)
+    x_T = torch.randn(40_000, *SHAPE, generator=torch.Generator().manual_seed(0))
+    exact = {}
+    for variance in ("small", "large"):
+        m = gaussian_model("ddpm", variance=variance)
+        exact[variance] = mean, var = exact_moments(ab, times, variance)
+        assert mean == pytest.approx(MU, abs=1e-5)
+        assert abs(var - S**2) <= (0.06 if steps == 50 else 0.035)
+        with torch.no_grad():
+            x = m.ancestral(x_T, steps, "trailing", generator=torch.Generator().manual_seed(1))
+        assert_moments(x, mean, var)
+    assert exact["small"][1] < S**2 < exact["large"][1]
+    coarse = {k: exact_moments(ab, trailing(1000, steps // 2), k)[1] for k in exact}
+    assert all(abs(exact[k][1] - S**2) < abs(coarse[k] - S**2) for k in exact)
+    # DDIM at eta = 1 draws from the same posterior: the same closed form as the 'small' variance
+    assert exact_moments(ab, times, "ddim", 1.0) == pytest.approx(exact["small"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name, variance, v, expect", [
+    ("iddpm", None, -1.0, "post"), ("iddpm", None, 1.0, "beta"), ("iddpm", None, 0.0, "mid"),
+    ("ddpm", "small", None, "post"), ("ddpm", "large", None, "beta")])
+def test_respaced_variance_and_mean_are_those_of_the_respaced_betas(name, variance, v, expect):
+    """Per step t -> s of the respaced process (T=40, 8 trailing steps): beta' = 1 - ab_t/ab_s,
+    beta~' = beta' (1 - ab_s) / (1 - ab_t) (at the last step, where it is 0, the step before's,
+    as improved-diffusion clips it); learned: v = -1 -> beta~', +1 -> beta', 0 -> their geometric
+    mean; the mean is the posterior's (sqrt(ab_s) beta' x0 + sqrt(1 - beta') (1 - ab_s) x_t) / (1 - ab_t)."""
+    m = models.build(name, shape=(1, 4, 4), levels=17, T=40, **({"variance": variance} if variance else {}))
+    ab = m.alpha_bar.double()
+    times = trailing(40, 8)
+    sch = m.respaced(8, "trailing")
+    assert sch["t"].tolist() == times[:-1]
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 1, 4, 4, generator=g), 0.3 * torch.randn(3, 1, 4, 4, generator=g)
+    out = torch.cat([eps, torch.full_like(eps, v)], 1) if v is not None else eps
+    post = []
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+        beta = 1 - ab[t] / ab[s]
+        post.append(beta * (1 - ab[s]) / (1 - ab[t]) if s > 0 else post[-1])
+        want = {"post": post[-1], "beta": beta, "mid": math.sqrt(post[-1] * beta)}[expect]
+        mean, logvar = m.respaced_mean_logvar(out, x, sch, i)
+        assert torch.allclose(logvar.exp().double(), torch.full(x.shape, float(want), dtype=torch.float64),
+                              rtol=1e-4), (i, t, s)
+        x0 = ((x.double() - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
+        mu = (ab[s].sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab[s]) * x) / (1 - ab[t])
+        assert torch.allclose(mean.double(), mu, rtol=1e-4, atol=1e-5), (i, t, s)
+
+
+@pytest.mark.parametrize("spacing, times", [("trailing", [40, 35, 30, 25, 20, 15, 10, 5]),
+                                            ("leading", [36, 31, 26, 21, 16, 11, 6, 1])])
+def test_respaced_ancestral_calls_the_network_at_the_original_integer_times(spacing, times):
+    m = models.build("iddpm", shape=(1, 4, 4), levels=17, T=40)
+    seen, denoise = [], m.denoise
+    m.denoise = lambda x, t: (seen.append(t.tolist()), denoise(x, t))[1]
+    m.sample(2, steps=8, spacing=spacing)
+    assert seen == [[t, t] for t in times]
+
+
+def test_sampler_labels():
+    m = models.build("ddpm", shape=(1, 4, 4), levels=17, T=40)
+    assert m.sampler_label() == m.sampler_label("ancestral", 40, spacing="leading") == "ancestral, 40 steps"
+    assert m.sampler_label("ancestral", 20) == "ancestral, 20 steps, trailing spacing"
+    assert m.sampler_label("ancestral", 20, spacing="leading") == "ancestral, 20 steps, leading spacing"
+    assert m.sampler_label("ddim", 10, eta=0.5) == "ddim, 10 steps, eta=0.5, trailing spacing"
+    assert m.sampler_label("dpm++2m", 10) == "dpm++2m, 10 steps, trailing spacing"
+    v = models.build("vdm", shape=(1, 4, 4), levels=17)
+    assert v.sampler_label() == "ancestral, 1000 steps, trailing spacing"
+    assert [v.sampler_label("ancestral", k) for k in (10, 100)] == [
+        "ancestral, 10 steps, trailing spacing", "ancestral, 100 steps, trailing spacing"]
+
+
+# --------------------------------------------------------------------------- NFE: counted calls
+
+
+def sampler_settings(name):
+    """Every sampler the model supports; ancestral of the diffusion models at a few step counts."""
+    cls = models.get(name)
+    discrete = "T" in cls.Config.__dataclass_fields__  # T=40 below; vdm: 1000 steps by default
+    settings = []
+    for sampler in cls.samplers:
+        if cls.samplers == ("ancestral",):
+            settings.append({})
+        elif sampler == "ancestral":
+            settings += [{}, {"steps": 1}, {"steps": 10}, {"steps": 40 if discrete else 100}]
+            settings += [{"steps": 7, "spacing": "leading"}] if discrete else []
+        else:
+            settings += [{"sampler": sampler, "steps": k} for k in (1, 5)]
+    return settings
+
+
+@pytest.mark.parametrize("name, kw", [(n, kw) for n in models.names() for kw in sampler_settings(n)])
+def test_declared_nfe_is_the_counted_network_calls(name, kw):
+    fields = models.get(name).Config.__dataclass_fields__
+    m = models.build(name, shape=(1, 4, 4), levels=17, **({"T": 40} if "T" in fields else {}))
+    x, speed = draw_samples(m, 3, 2, torch.Generator().manual_seed(0), **kw)  # batches of 2 and 1
+    assert speed["nfe"] == speed["nfe_declared"] == m.nfe(**kw)
+    assert x.shape == (3, 1, 4, 4) and x.min() >= 0 and x.max() <= 16
+    if m.nfe_module() is not None:
+        assert not m.nfe_module()._forward_hooks  # the counting hook is removed
+
+
+def test_each_model_declares_its_network_module():
+    built = {n: models.build(n, shape=(1, 4, 4), levels=17) for n in models.names()}
+    for name, m in built.items():
+        if m.family == "diffusion":
+            assert m.nfe_module() is m.net, name
+    assert built["vae"].nfe_module() is built["vae"].decoder
+    assert built["hvae"].nfe_module() is built["hvae"].out
+    assert built["baseline"].nfe_module() is None
+
+
+def test_one_shot_models_report_one_network_evaluation_per_sample():
+    # hvae: its whole top-down pass and decoder head are one evaluation, not one per level
+    for name, expect in (("vae", 1), ("hvae", 1), ("baseline", 0)):
         assert models.build(name, shape=(1, 8, 8), levels=17).nfe() == expect
+
+
+class _Uneven(Model):
+    """Calls its network once more on every `sample` call; declares 5."""
+
+    nfe_module_name = "net"
+
+    def __init__(self):
+        super().__init__((1, 2, 2), 2, None)
+        self.net, self.calls = nn.Linear(1, 1), 0
+
+    def nfe(self, sampler="ancestral", steps=None, **options):
+        return 5
+
+    def sample(self, n, generator=None, sampler="ancestral", steps=None, **options):
+        self.calls += 1
+        if self.calls > 3:
+            raise RuntimeError("boom")
+        for _ in range(self.calls):
+            self.net(torch.zeros(1, 1))
+        return torch.zeros(n, 1, 2, 2, dtype=torch.long)
+
+
+def test_draw_samples_reports_the_mean_count_when_batches_differ():
+    m = _Uneven()
+    x, speed = draw_samples(m, 6, 2)
+    assert len(x) == 6 and speed["nfe"] == 2.0 and speed["nfe_declared"] == 5  # calls 1, 2, 3
+    assert not m.net._forward_hooks
+    with pytest.raises(RuntimeError, match="boom"):
+        draw_samples(m, 2, 2)
+    assert not m.net._forward_hooks  # removed on errors too
+
+
+# --------------------------------------------------------------------------- errors
 
 
 @pytest.mark.parametrize("name, kwargs, message", [
     ("vae", {"sampler": "ddim", "steps": 10}, "vae cannot honour sampler 'ddim'; it supports: ancestral"),
     ("vae", {"steps": 10}, "vae: sampler 'ancestral' takes no steps"),
     ("ddpm", {"sampler": "euler"}, "ddpm cannot honour sampler 'euler'"),
-    ("ddpm", {"sampler": "ancestral", "steps": 10}, "ancestral sampling runs all T=40 steps"),
+    ("ddpm", {"sampler": "ancestral", "steps": 41}, "steps must be in 1..40"),
+    ("ddpm", {"sampler": "ancestral", "steps": 0}, "steps must be in 1..40"),
+    ("ddpm", {"sampler": "ancestral", "steps": 10, "spacing": "odd"}, "unknown timestep spacing 'odd'"),
+    ("ddpm", {"sampler": "ancestral", "eta": 0.5}, "ancestral sampling takes no eta"),
     ("ddpm", {"sampler": "ddim", "steps": 41}, "steps must be in 1..40"),
     ("ddpm", {"sampler": "ddim", "steps": 10, "spacing": "odd"}, "unknown timestep spacing 'odd'"),
+    ("ddpm", {"sampler": "ddim", "steps": 10, "eta": 1.01}, "eta must be in [0, 1]"),
     ("ddpm", {"sampler": "dpm++2m", "steps": 10, "eta": 0.5}, "dpm++2m is deterministic"),
+    ("vdm", {"sampler": "ancestral", "steps": 10, "spacing": "leading"}, "discrete-time spacing"),
+    ("vdm", {"sampler": "ancestral", "steps": 10, "eta": 1.0}, "ancestral sampling takes no eta"),
 ])
 def test_a_sampler_a_model_cannot_honour_is_a_clear_error(name, kwargs, message):
-    m = models.build(name, shape=(1, 8, 8), levels=17, **({"T": 40} if name == "ddpm" else {}))
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+    m = models.build(name, shape=(1, 4, 4), levels=17, **({"T": 40} if name == "ddpm" else {}))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+").replace("[", r"\[")):
         m.sample(2, **kwargs)

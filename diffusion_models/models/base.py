@@ -18,6 +18,9 @@ class Model(nn.Module):
     family: ClassVar[str] = ""
     Config: ClassVar[type]
     samplers: ClassVar[tuple[str, ...]] = ("ancestral",)  # what `sample(sampler=...)` accepts
+    # the attribute holding the module one forward call of which is one network evaluation
+    # (what `nfe` counts; evaluate.draw_samples counts its calls); None: no network
+    nfe_module_name: ClassVar[str | None] = None
 
     def __init__(self, shape: tuple[int, int, int], levels: int, cfg: Any):
         super().__init__()
@@ -78,8 +81,13 @@ class Model(nn.Module):
         raise NotImplementedError
 
     def nfe(self, sampler: str = "ancestral", steps: int | None = None, **options: Any) -> int:
-        """Network evaluations per sample (per batch call) of `sample(sampler=, steps=)`."""
+        """Network evaluations per sample (per batch call) of `sample(sampler=, steps=)`: the
+        forward calls of `nfe_module()` it makes (declared; draw_samples counts them)."""
         raise NotImplementedError
+
+    def nfe_module(self) -> nn.Module | None:
+        """The module one forward call of which is one network evaluation; None: no network."""
+        return None if self.nfe_module_name is None else getattr(self, self.nfe_module_name)
 
     def sampler_label(self, sampler: str = "ancestral", steps: int | None = None, **options: Any) -> str:
         """What `sample(sampler=..., ...)` does, for the tables (e.g. 'ddim, eta=0, trailing')."""

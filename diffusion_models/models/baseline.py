@@ -57,6 +57,8 @@ class PixelCategorical(Model):
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "independent pixels"
 
+    nfe_module_name = None  # no network
+
     def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
         return 0  # no network: one categorical draw per pixel
 

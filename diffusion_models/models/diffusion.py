@@ -254,11 +254,22 @@ class GaussianDiffusion(Model):
 
     # -------------------------------------------------------------- sampling
 
+    nfe_module_name = "net"  # one U-Net call is one network evaluation
+
     def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", **options: Any) -> str:
-        return smp.label(sampler, self.nfe(sampler, steps), eta, spacing)
+        n = self.nfe(sampler, steps)
+        every_t = sampler == "ancestral" and n == self.cfg.T  # all T times: no spacing to name
+        return smp.label(sampler, n, eta, None if every_t else spacing)
 
     def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
         return self.cfg.T if steps is None else int(steps)
+
+    def _sample_steps(self, steps: int | None) -> int:
+        T = self.cfg.T
+        steps = T if steps is None else int(steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"{self.name or type(self).__name__}: steps must be in 1..{T}, got {steps}")
+        return steps
 
     # the solvers' view of the model (samplers.SolverView)
     def solver_times(self, steps: int, spacing: str) -> torch.Tensor:
@@ -284,32 +295,78 @@ class GaussianDiffusion(Model):
         ab = self._bcast(self.alpha_bar, t)
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
+    # ancestral sampling on a subsequence of the times (Nichol & Dhariwal 2021, sec. 4)
+    def respaced(self, steps: int, spacing: str = "trailing") -> dict[str, torch.Tensor]:
+        """The reverse process on the times t_0 > ... > t_{K-1} of `solver_times(steps, spacing)`
+        (then 0), as improved-diffusion's respace.py: step i (i = 0 the noisiest) goes from
+        t = t_i to s = t_{i+1} with beta'_i = 1 - alpha_bar_t / alpha_bar_s, and the mean
+        coefficients and variance beta~'_i = beta'_i (1 - alpha_bar_s) / (1 - alpha_bar_t) of
+        q(x_s | x_t, x_0) recomputed from it; at the last step, where beta~' = 0, log beta~' is
+        that of the step before (improved-diffusion's posterior_log_variance_clipped). steps = T:
+        the model's own process (its buffers).
+        Returns 't' [K] (the integer times the network is called with) and float32 [K]
+        'coef_x0', 'coef_xt', 'log_post_var' (clipped), 'log_beta'."""
+        times = self.solver_times(steps, spacing).cpu()
+        # float64 from the schedule the float32 buffers were made from (in float32, 1 - alpha_bar
+        # keeps ~3 digits at the lowest t)
+        ab = torch.cat([torch.ones(1, dtype=torch.float64),
+                        torch.cumprod(1 - make_betas(self.cfg.schedule, self.cfg.T), 0)])
+        if not torch.allclose(ab.float(), self.alpha_bar.cpu(), rtol=1e-5, atol=0):
+            raise RuntimeError(f"{type(self).__name__}: alpha_bar is not make_betas('{self.cfg.schedule}', T)'s")
+        ab_t, ab_s = ab[times[:-1]], ab[times[1:]]
+        beta = 1 - ab_t / ab_s
+        post_var = beta * (1 - ab_s) / (1 - ab_t)  # 0 at the last step (s = 0, alpha_bar_s = 1)
+        clipped = torch.cat([post_var[:-1], post_var[-2:-1] if steps > 1 else beta[-1:]])
+        sch = {"coef_x0": ab_s.sqrt() * beta / (1 - ab_t), "coef_xt": (1 - beta).sqrt() * (1 - ab_s) / (1 - ab_t),
+               "log_post_var": clipped.log(), "log_beta": beta.log()}
+        return {"t": times[:-1].to(self.device), **{k: v.float().to(self.device) for k, v in sch.items()}}
+
+    def respaced_mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, sch: dict[str, torch.Tensor],
+                             i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mean_logvar` on the respaced process `sch` (`respaced`) at its step i, from the raw
+        network output at t_i: the posterior mean at x0_hat; the fixed variance beta~'_i
+        ('small') or beta'_i ('large'), or learned: v in [-1, 1] interpolates their logs."""
+        c = self.shape[0]
+        t = sch["t"][i].expand(len(x_t))
+        mean = sch["coef_x0"][i] * self.x0_hat(out[:, :c], x_t, t) + sch["coef_xt"][i] * x_t
+        if self.cfg.learn_sigma:
+            frac = (out[:, c:] + 1) / 2  # Nichol & Dhariwal eq. 15
+            logvar = frac * sch["log_beta"][i] + (1 - frac) * sch["log_post_var"][i]
+        else:
+            logvar = sch["log_post_var" if self.cfg.variance == "small" else "log_beta"][i].expand_as(x_t)
+        return mean, logvar
+
+    def ancestral(self, x: torch.Tensor, steps: int | None = None, spacing: str = "trailing",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ho et al. Alg. 2 on the respaced process (`respaced`; steps None or T: Alg. 2 itself),
+        from x at t_0 in `steps` network evaluations; the last step returns its mean. The
+        continuous state at the data end [n,C,H,W]."""
+        steps = self._sample_steps(steps)
+        sch = self.respaced(steps, spacing)
+        for i in range(steps):
+            mean, logvar = self.respaced_mean_logvar(self.denoise(x, sch["t"][i].expand(len(x))), x, sch, i)
+            if i < steps - 1:
+                x = mean + torch.exp(0.5 * logvar) * torch.randn(x.shape, generator=generator, device=x.device)
+            else:
+                x = mean
+        return x
+
     @torch.no_grad()
     def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
                **options: Any):
-        """ancestral: Ho et al. Alg. 2 over all T steps (the last returns the mean, binned);
-        ddim / dpm++2m: `steps` network evaluations on the `spacing` grid (samplers.py)."""
+        """ancestral: Ho et al. Alg. 2 over all T steps, or respaced to `steps` on the `spacing`
+        grid (`ancestral`); ddim / dpm++2m: `steps` network evaluations on the `spacing` grid
+        (samplers.py). The last state is binned to the L levels."""
         self.check_sampler(sampler, steps, options)
-        name, T = self.name or type(self).__name__, self.cfg.T
+        steps = self._sample_steps(steps)
         x = torch.randn(n, *self.shape, generator=generator, device=self.device)
-        if sampler != "ancestral":
-            steps = T if steps is None else int(steps)
-            if not 1 <= steps <= T:
-                raise ValueError(f"{name}: steps must be in 1..{T}, got {steps}")
-            return lk.from_unit(smp.solve(self, x, sampler, steps, eta=eta, spacing=spacing,
-                                          generator=generator), self.levels)
-        if steps not in (None, T):
-            raise ValueError(f"{name}: ancestral sampling runs all T={T} steps (got steps={steps}); "
-                             "for fewer use 'ddim' (eta=1 is DDPM-like)")
-        for step in range(T, 0, -1):
-            t = torch.full((n,), step, dtype=torch.long, device=x.device)
-            mean, logvar = self.mean_logvar(self.denoise(x, t), x, t)
-            if step > 1:
-                noise = torch.randn(x.shape, generator=generator, device=x.device)
-                x = mean + torch.exp(0.5 * logvar) * noise
-            else:
-                x = mean
-        return lk.from_unit(x, self.levels)
+        if sampler == "ancestral":
+            if eta != 0:
+                raise ValueError(f"{self.name or type(self).__name__}: ancestral sampling takes no eta (its "
+                                 "noise is the reverse process's variance); eta is ddim's")
+            return lk.from_unit(self.ancestral(x, steps, spacing, generator), self.levels)
+        return lk.from_unit(smp.solve(self, x, sampler, steps, eta=eta, spacing=spacing,
+                                      generator=generator), self.levels)
 
 
 @register("ddpm")

@@ -64,6 +64,8 @@ class VAE(LatentVariableModel):
         return (self.log_px(x.repeat(kk, 1, 1, 1), z)
                 + (lk.normal_log_prob(z, zero, zero) - lk.normal_log_prob(z, mu, log_var)).sum(1))
 
+    nfe_module_name = "decoder"
+
     @torch.no_grad()
     def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
         return 1  # one decoder pass

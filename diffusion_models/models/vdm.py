@@ -158,6 +158,8 @@ class VDM(Model):
     def estimators(self, ecfg):
         return [(f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
 
+    nfe_module_name = "net"  # one U-Net call is one network evaluation
+
     def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", **options: Any) -> str:
         return smp.label(sampler, self.nfe(sampler, steps), eta, spacing)
 
@@ -190,8 +192,9 @@ class VDM(Model):
     @torch.no_grad()
     def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
                **options: Any):
-        """ancestral: p(z_s|z_t) = q(z_s|z_t, x=x_hat) on a uniform grid of `steps`; ddim /
-        dpm++2m: samplers.py on the same grid; then the discrete decoder p(x|z_0)."""
+        """ancestral: p(z_s|z_t) = q(z_s|z_t, x=x_hat) on the uniform grid of `steps`
+        (`solver_times`); ddim / dpm++2m: samplers.py on the same grid; then the discrete
+        decoder p(x|z_0)."""
         self.check_sampler(sampler, steps, options)
         steps = 1000 if steps is None else int(steps)
         if steps < 1:
@@ -200,11 +203,14 @@ class VDM(Model):
             z = torch.randn(n, *self.shape, generator=generator, device=self.device)
             return self._decode(smp.solve(self, z, sampler, steps, eta=eta, spacing=spacing,
                                           generator=generator), generator)
+        if eta != 0:
+            raise ValueError("vdm: ancestral sampling takes no eta (its noise is the posterior's "
+                             "variance); eta is ddim's")
         dev = self.device
-        grid = self.gamma(torch.linspace(0.0, 1.0, steps + 1, device=dev))  # gamma at t_i = i/steps
+        grid = self.gamma(self.solver_times(steps, spacing))  # gamma at t_i = 1 - i/steps
         z = torch.randn(n, *self.shape, generator=generator, device=dev)  # z_1
-        for i in range(steps, 0, -1):
-            g_t, g_s = grid[i], grid[i - 1]
+        for i in range(steps):
+            g_t, g_s = grid[i], grid[i + 1]
             eps = self.eps_hat(z, g_t.expand(n))
             c = -torch.expm1(g_s - g_t)  # 1 - snr(t)/snr(s)
             mean = torch.sqrt(torch.sigmoid(-g_s) / torch.sigmoid(-g_t)) * (z - c * torch.sqrt(torch.sigmoid(g_t)) * eps)
