@@ -103,6 +103,10 @@ def code_digest(name: str, extra: tuple[str, ...]) -> str:
 
 
 def file_sha1(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        hint = " (missing prepared data: run the prepare stage, `dvc repro prepare`)" if path.parent == PREPARED else ""
+        raise StageError(f"missing file: {path}{hint}")
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
