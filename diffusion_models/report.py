@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .pipeline.common import RUN_FIELDS
@@ -131,11 +132,11 @@ def comparison_table(runs: pd.DataFrame, matched: dict[str, str] | None = None,
     return out.reset_index()[COMPARISON_COLUMNS]
 
 
-def headline_runs(comparison: pd.DataFrame, evals: list[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
-    """(model, seed) -> every test image's bound (bits/dim) in the model's headline estimator at
-    the end of the budget: the paired comparison's data."""
-    estimator = dict(zip(comparison["model"], comparison["bpd_estimator"]))
-    return {(ev["model"], run["seed"]): run["bounds"][estimator[ev["model"]]]["per_example_bpd"]
+def headline_runs(runs: pd.DataFrame, evals: list[dict[str, Any]]) -> dict[tuple[str, int], np.ndarray]:
+    """(model, seed) -> every test image's bound (bits/dim) in the run's headline estimator
+    (`runs_table`'s `bpd_estimator`) at the end of the budget: the paired comparison's data."""
+    estimator = {(m, s): e for m, s, e in zip(runs["model"], runs["seed"], runs["bpd_estimator"])}
+    return {(ev["model"], run["seed"]): np.asarray(run["bounds"][estimator[ev["model"], run["seed"]]]["per_example_bpd"])
             for ev in evals for run in ev["runs"] if run["fraction"] == 1.0}
 
 

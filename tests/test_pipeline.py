@@ -154,6 +154,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     sig = pd.read_csv(results / "significance.csv")
     assert set(sig["metric"]) == {"bpd", "fid"} and len(sig[sig["test"] == "Welch t over seeds"]) == 2 * 3
     assert len(sig[sig["test"].str.startswith("paired over test images")]) == 2 * 3
+    # the paired mean difference is the difference of the two runs' bounds in runs.csv (another path)
+    pair = sig[sig["test"] == "paired over test images, seed 0"].set_index(["model_a", "model_b"]).loc[("vae", "ddpm")]
+    seed0 = runs[(runs["seed"] == 0) & (runs["fraction"] == 1.0)].set_index("model")["bpd"]
+    assert pair["diff"] == pytest.approx(seed0["vae"] - seed0["ddpm"], rel=1e-9)
     assert "## Which differences are real" in (results / "comparison.md").read_text()
     curve = results / "live" / "vae" / "plots" / "metrics" / "seed0" / "val" / "bpd.tsv"
     assert len(curve.read_text().splitlines()) == 1 + 2  # a validation bound every 2 steps of 4

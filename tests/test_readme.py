@@ -2,7 +2,6 @@
 here (offline, on a small copy of the pipeline) or listed below with the reason it is not."""
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +50,9 @@ def readme_commands() -> list[str]:
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            cmd = " ".join(shlex.split(line, comments=True))  # drop comments, fold spaces
+            cmd = " ".join(line.split("#", 1)[0].split())  # drop the comment, fold spaces
             if cmd:
-                out.append(" ".join(line.split("#")[0].split()) if "'" in line else cmd)
+                out.append(cmd)
     return out
 
 

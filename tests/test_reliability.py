@@ -46,6 +46,23 @@ def _setup(workdir: Path) -> Path:
     return workdir
 
 
+def _interrupt_at_step(monkeypatch, step: int):
+    """Make training raise KeyboardInterrupt inside training step `step` (before its update);
+    returns the function that undoes it."""
+    import diffusion_models.train as train_mod
+
+    clip, calls = train_mod.clip_gradients, [0]
+
+    def interrupt(*args):
+        calls[0] += 1
+        if calls[0] == step:
+            raise KeyboardInterrupt
+        clip(*args)
+
+    monkeypatch.setattr(train_mod, "clip_gradients", interrupt)
+    return lambda: monkeypatch.setattr(train_mod, "clip_gradients", clip)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
     ref = _setup(tmp_path / "uninterrupted")
@@ -123,7 +140,6 @@ def test_dvc_repro_after_the_training_process_is_killed_resumes(tmp_path):
 def test_a_resume_state_of_another_run_is_discarded_with_its_curve(tmp_path, monkeypatch):
     """A run stopped mid-way leaves its state; then the params change (here lr): the new run
     starts from step 1, and its learning curve has each step once, all from the new run."""
-    import diffusion_models.train as train_mod
     from diffusion_models.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -131,19 +147,11 @@ def test_a_resume_state_of_another_run_is_discarded_with_its_curve(tmp_path, mon
                                   "fractions": [1.0]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["prepare"]) == 0
-    clip, calls = train_mod.clip_gradients, [0]
-
-    def stop_at_step_12(*args):
-        calls[0] += 1
-        if calls[0] == 12:
-            raise KeyboardInterrupt
-        clip(*args)
-
-    monkeypatch.setattr(train_mod, "clip_gradients", stop_at_step_12)
+    restore = _interrupt_at_step(monkeypatch, 12)
     with pytest.raises(KeyboardInterrupt):
         main(["train", "vae"])
     assert torch.load(tmp_path / "results" / "resume" / "vae" / "seed3.pt", weights_only=True)["step"] == 10
-    monkeypatch.setattr(train_mod, "clip_gradients", clip)
+    restore()
     params["train"]["lr"] = 1e-4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["train", "vae"]) == 0
@@ -192,7 +200,6 @@ def test_an_interrupted_run_resumes_bit_identically_for_every_model(name, tmp_pa
     """Stop training after step 9 (a resume state was saved at step 8), resume from that state:
     the weights, optimizer state and every training counter (the HVAE's KL warm-up included)
     end bit-identical to an uninterrupted run."""
-    import diffusion_models.train as train_mod
 
     x = torch.randint(0, 17, (96, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(images=16 * 14, batch_size=16, log_every=1, val_every=0)
@@ -203,19 +210,11 @@ def test_an_interrupted_run_resumes_bit_identically_for_every_model(name, tmp_pa
         return train(m, x, cfg, progress=False, resume=Resume(path, every=4, key=run_key(m, x, cfg, code="t"))), m
 
     ref, ref_model = fit(tmp_path / "ref.pt")
-    clip, calls = train_mod.clip_gradients, [0]
-
-    def stop_after_step_9(*args):
-        calls[0] += 1
-        if calls[0] == 10:
-            raise KeyboardInterrupt
-        clip(*args)
-
-    monkeypatch.setattr(train_mod, "clip_gradients", stop_after_step_9)
+    restore = _interrupt_at_step(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "state.pt")
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 8
-    monkeypatch.setattr(train_mod, "clip_gradients", clip)
+    restore()
     res, model = fit(tmp_path / "state.pt")
     assert res.steps == ref.steps == 14 and res.final_loss == ref.final_loss
     a, b = ref_model.state_dict(), model.state_dict()

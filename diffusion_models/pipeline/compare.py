@@ -1,7 +1,6 @@
 """The `compare` stage: every table and figure of results/ from the stages' records."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from .. import plots, report, significance
@@ -23,11 +22,9 @@ def compare(cfg: Config) -> None:
     nll_runs, sampling = report.nll_runs(evals), report.sampling_runs(samples)
     runs = report.runs_table(tr, nll_runs, sampling)
     final = runs[runs["fraction"] == 1.0]
-    comp = report.comparison_table(runs, matched)
     sig = pd.concat([significance.pairwise_welch(final[["model", "seed"] + SIGNIFICANCE_METRICS],
                                                  SIGNIFICANCE_METRICS),
-                     significance.pairwise_paired({k: np.asarray(v) for k, v in
-                                                   report.headline_runs(comp, evals).items()}, "bpd")],
+                     significance.pairwise_paired(report.headline_runs(final, evals), "bpd")],
                     ignore_index=True)
     comp = report.comparison_table(runs, matched, {m: significance.tied_with(sig, m) for m in SIGNIFICANCE_METRICS})
     nll, sweep, profile = report.nll_table(nll_runs), report.sweep_table(runs), report.profile_table(evals)
