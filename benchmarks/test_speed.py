@@ -94,7 +94,7 @@ def test_train_step(benchmark, peak, name, precision):
 @pytest.mark.parametrize("name", models.names())
 def test_bound(benchmark, name):
     m = _model(name)
-    label, kwargs = m.estimators(EvalConfig(iwae_k=100))[-1]
+    label, kwargs = m.estimators(EvalConfig(iwae_k=100))[-1 if m.family != "diffusion" else 0]  # ODE: below
     x = torch.randint(0, LEVELS, (64, *SHAPE))
     benchmark.extra_info.update(estimator=label, examples_per_call=64)
     benchmark(lambda: m.nll_bound(x, **kwargs))
@@ -126,7 +126,8 @@ def test_network_evaluation(benchmark, name):
 def test_sampler_step(benchmark, name, sampler):
     """One step of each sampler (diffusion: a 1-step solve; VAE/HVAE/baseline: their whole sampler)."""
     m = _eval_model(name)
-    kw = {"sampler": sampler, "steps": 1} if sampler != "ancestral" else {}
+    kw = ({} if sampler == "ancestral" else {"sampler": sampler, "rtol": 1e-3, "atol": 1e-3} if sampler == "ode"
+          else {"sampler": sampler, "steps": 1})
     benchmark.extra_info.update(samples_per_call=SAMPLE_BATCH, nfe=m.nfe(**kw))
     benchmark(lambda: m.sample(SAMPLE_BATCH, **kw))
 
@@ -146,6 +147,52 @@ def test_sampler_overhead(benchmark, name, sampler):
         total = benchmark.stats.stats.total
         benchmark.extra_info.update(samples_per_call=SAMPLE_BATCH, nfe=20, network_seconds=inside[0],
                                     sampler_seconds=total, overhead=(total - inside[0]) / inside[0])
+
+
+def _naive_divergence(fn, x):
+    """The straightforward way: the batch's full Jacobian by autograd, then each example's trace."""
+    b, d = len(x), x[0].numel()
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(lambda u: fn(u).sum(0), x).reshape(d, b, d)
+    return fn(x), torch.stack([jac[:, i, :].diagonal().sum() for i in range(b)])
+
+
+ODE_BATCH = 32
+
+
+@pytest.mark.parametrize("method", ["vmap_jvp", "naive_jacobian", "hutchinson"])
+@pytest.mark.parametrize("name", ["ddpm", "vdm"])
+def test_ode_divergence(benchmark, name, method):
+    """One function evaluation of the ODE likelihood (the eps prediction and its divergence) at
+    batch 32: ode.divergence's D JVPs batched by torch.func.vmap, against the full Jacobian by
+    autograd (the straightforward implementation), and one Hutchinson probe; the ratio of the
+    first two medians is the speed-up of the exact divergence."""
+    from diffusion_models import ode
+
+    m = _eval_model(name)
+    x, lam = torch.randn(ODE_BATCH, *SHAPE), torch.tensor(1.0)
+    fn = lambda u: m.ode_eps(u, lam)  # noqa: E731
+    probes = ode.rademacher(1, tuple(x.shape), None, "cpu") if method == "hutchinson" else None
+    call = (lambda: _naive_divergence(fn, x)) if method == "naive_jacobian" else (lambda: ode.divergence(fn, x, probes))
+    with torch.no_grad():
+        assert torch.allclose(ode.divergence(fn, x, None)[1], _naive_divergence(fn, x)[1], rtol=1e-4, atol=1e-3)
+        benchmark.extra_info["examples_per_call"] = ODE_BATCH
+        benchmark(call)
+
+
+@pytest.mark.parametrize("name", [n for n in models.names() if "ode" in models.get(n).samplers])
+def test_ode_bound(benchmark, name):
+    """The pipeline's ODE bound (its default settings) on 32 test-shaped images of an untrained
+    model: seconds per image and NFE (extra_info); trained models' figures are in the evaluate
+    records (`nfe`, `seconds`)."""
+    m = _eval_model(name)
+    label, kwargs = m.estimators(EvalConfig())[-1]
+    kwargs.pop("max_examples")
+    x = torch.randint(0, LEVELS, (ODE_BATCH, *SHAPE))
+    nfe = []
+    benchmark.extra_info.update(estimator=label, examples_per_call=ODE_BATCH)
+    benchmark.pedantic(lambda: nfe.append(m.nll_terms_profile(x, **kwargs)[1]["nfe"]), rounds=3, iterations=1)
+    benchmark.extra_info["nfe"] = statistics.fmean(nfe)
 
 
 NO_COMPILE = pytest.mark.xfail(reason="torch.compile cannot trace VDM's torch.autograd.grad of gamma(t)",

@@ -31,7 +31,8 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
     images: integer [N,C,H,W] on the model's device. `iwae_ks`: the estimators of each of
     these IWAE sample counts (default: cfg.iwae_k); one the models share is computed once.
     Returns {estimator label: summary}; a summary has `profile` (bits/dim of each stratum of
-    time: where a diffusion bound's bits come from) where the model gives one, and with
+    time: where a diffusion bound's bits come from) where the model gives one, `nfe` (network
+    evaluations per example, the mean over batches) for an adaptive ODE bound, and with
     `per_example` the bound of every example (bits/dim), for paired comparisons.
     """
     model.eval()
@@ -39,16 +40,20 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
                   for label, kw in model.estimators(dataclasses.replace(cfg, iwae_k=k))}
     out: dict[str, dict[str, Any]] = {}
     for label, kwargs in estimators.items():
+        kwargs = dict(kwargs)
+        xs = images[: kwargs.pop("max_examples", None)]  # an estimator may score a fixed subset
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = {}
-        strata, profile = [], None
-        for i in range(0, len(images), cfg.batch_size):
-            terms, profile = model.nll_terms_profile(images[i: i + cfg.batch_size], **kwargs)
+        strata, profile, nfe = [], None, []
+        for i in range(0, len(xs), cfg.batch_size):
+            terms, profile = model.nll_terms_profile(xs[i: i + cfg.batch_size], **kwargs)
             for name, value in terms.items():
                 parts.setdefault(name, []).append(value.detach().double().cpu())
-            if profile is not None:
+            if profile is not None and "nats" in profile:
                 strata.append(profile["nats"].double().sum(1).cpu())  # [K]
+            if profile is not None and "nfe" in profile:
+                nfe += [profile["nfe"]] * len(value)
         terms = {k: torch.cat(v) for k, v in parts.items()}
         total = torch.stack(list(terms.values())).sum(0)
         if not torch.isfinite(total).all():
@@ -59,9 +64,11 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
             "n_examples": len(total),
             "seconds": time.perf_counter() - start,
         }
-        if profile is not None:
+        if strata:
             out[label]["profile"] = {**{k: profile[k] for k in ("t_lo", "t_hi", "logsnr_lo", "logsnr_hi")},
                                      "bpd": (torch.stack(strata).sum(0) / (len(total) * model.dims * LN2)).tolist()}
+        if nfe:
+            out[label]["nfe"] = statistics.fmean(nfe)
         if per_example:
             out[label]["per_example_bpd"] = (total / (model.dims * LN2)).tolist()
     return out

@@ -173,15 +173,17 @@ class DenoiserConfig:
     width: int = 16
     mults: list[int] = field(default_factory=lambda: [1, 2])
     fourier: list[int] = field(default_factory=lambda: [0])  # octaves of the bin-grid Fourier
-                                  # features of z_t / alpha_t fed to the U-Net (VDM, appendix C)
+                                  # features of z_t fed to the U-Net (VDM, appendix C)
 
 
 class Denoiser(nn.Module):
     """The network of every diffusion variant: the U-Net on z_t, with the bin-grid Fourier
-    features of z_t / alpha_t (the noisy input rescaled to the data's scale) as extra input
-    channels, and a time input on [0, 1000]. The variants differ only in what they read off
-    its output (eps, x0, score; learned variances) and in how they map their time to [0, 1000].
-    """
+    features of z_t as extra input channels (as VDM: of z_t itself, not of z_t / alpha_t, whose
+    features would oscillate ever faster in both z and the noise level as alpha_t -> 0 and make
+    the probability-flow ODE's divergence rough at high noise), and a time input on [0, 1000].
+    The variants differ only in what they read off its output (eps, x0, score; learned
+    variances) and in how they map their time to [0, 1000]. `alpha` is the signal scale of z_t
+    (kept in the interface for inputs that depend on it)."""
 
     def __init__(self, shape: tuple[int, int, int], levels: int, cfg: DenoiserConfig, out_channels: int | None = None):
         super().__init__()
@@ -191,5 +193,5 @@ class Denoiser(nn.Module):
 
     def forward(self, z: torch.Tensor, alpha: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """z [B,C,H,W]; alpha broadcastable to z (z = alpha x + sigma eps); time [B] in [0, 1000]."""
-        extra = fourier_features(z / alpha, self.levels, self.octaves) if self.octaves else None
+        extra = fourier_features(z, self.levels, self.octaves) if self.octaves else None
         return self.unet(z, time, extra)

@@ -17,10 +17,11 @@ TINY = {
     "data": {"name": "digits"},
     "train": {"images": 256, "batch_size": 64, "seed": 0, "seeds": 2, "fractions": [0.5, 1.0], "device": "cpu",
               "val_every": 2},
-    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2},
+    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2, "ode": {"rtol": 1e-2, "atol": 1e-2, "n_test": 16}},
     "features": {"inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
-               "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]}},
+               "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]},
+               "ode_tolerances": [1e-2]},
     "compare": {"allow_unmatched": True},  # tiny models of different sizes
     "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
@@ -128,6 +129,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     grid = sampling[(sampling["model"] == "ddpm") & (sampling["extractor"] == "classifier")
                     & (sampling["reference"] == "train") & (sampling["seed"] == 0)
                     & (sampling["fraction"] == 1.0)].set_index("sampler")
+    ode_point = grid[grid["sampler_name"] == "ode"]
+    assert list(ode_point.index) == ["ode, dopri5, rtol=0.01, atol=0.01"] and (ode_point["nfe"] > 0).all()
+    grid = grid[grid["sampler_name"] != "ode"]
     assert sorted(grid["nfe"]) == [2, 2, 4, 40] and grid["headline"].sum() == 1
     anc = grid[grid["sampler_name"] == "ancestral"].iloc[0]
     ddim = grid[grid["sampler_name"] == "ddim"].iloc[0]
@@ -139,14 +143,22 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert comp.loc["baseline", "matched"] == "closed form"
     assert comp.loc[["vae", "ddpm"], "matched"].str.contains("params, outside ±10%").any()
     assert "\\begin{tabular}" in (results / "comparison.tex").read_text()
-    assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 6  # 3 headline + 3 more ddpm grid points
+    assert len(pd.read_csv(results / "fid_vs_nfe.csv")) == 7  # 3 headline + 4 more ddpm grid points
     ok = sampling[sampling["status"] == "ok"]
     assert ok[["kid", "precision", "recall"]].notna().all().all()
     ok = ok[ok["reference"] == "train"]  # the torchmetrics cross-check is of the standard reference
     assert ((ok["fid"] - ok["fid_torchmetrics"]).abs() <= 1e-3 * ok["fid"]).all()
     for image in ("real", "baseline", "vae", "ddpm"):
         assert (results / "samples" / f"{image}.png").stat().st_size > 0
-    assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-2", "IWAE-4", "VLB (T=40, exact sum)"}
+    ode_label = ("ODE (dopri5, rtol=0.01, atol=0.01, hutchinson divergence, 1 probe, tn dequantization, K=1, "
+                 "first 16 test images)")
+    assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-2", "IWAE-4", "VLB (T=40, exact sum)", ode_label}
+    assert (nll[nll["estimator"] == ode_label]["n_test"] == 16).all()
+    views = pd.read_csv(results / "likelihood_views.csv").set_index("model")
+    assert list(views.index) == ["ddpm"] and views.loc["ddpm", "seeds"] == 2 and views.loc["ddpm", "ode_nfe"] > 0
+    ode_nll = nll[nll["estimator"] == ode_label].iloc[0]
+    assert views.loc["ddpm", "ode_bpd"] == pytest.approx(ode_nll["bpd"], rel=1e-12)
+    assert comp.loc["ddpm", "bpd_estimator"] == "VLB (T=40, exact sum)"  # a subset never heads the table
     profile = pd.read_csv(results / "vlb_profile.csv")
     ddpm_profile = profile[profile["model"] == "ddpm"]
     assert len(ddpm_profile) == 39 + 2 and (results / "vlb_profile.png").stat().st_size > 0  # prior, 39 t, L_0

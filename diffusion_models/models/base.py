@@ -71,7 +71,9 @@ class Model(nn.Module):
         return torch.stack(list(terms.values())).sum(0)
 
     def estimators(self, ecfg: Any) -> list[tuple[str, dict[str, Any]]]:
-        """The bounds this model reports under eval config `ecfg`: (label, kwargs for nll_terms)."""
+        """The bounds this model reports under eval config `ecfg`: (label, kwargs for nll_terms).
+        The kwargs may also hold `max_examples`: evaluate scores only the first N test examples
+        with that estimator (a costly bound on a fixed subset); it is not passed to nll_terms."""
         raise NotImplementedError
 
     def sample(self, n: int, generator: torch.Generator | None = None, sampler: str = "ancestral",

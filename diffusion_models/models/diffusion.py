@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import likelihood as lk
+from .. import ode
 from .. import samplers as smp
 from ..nets import Denoiser, DenoiserConfig
 from . import register
@@ -58,12 +59,12 @@ def t_strata(T: int, k: int, spacing: str = "log") -> torch.Tensor:
     return torch.tensor(edges)
 
 
-class GaussianDiffusion(Model):
+class GaussianDiffusion(ode.ProbabilityFlow, Model):
     """Shared machinery; subclasses pick the network target and the training loss."""
 
     family = "diffusion"
     target: ClassVar[str] = "eps"  # what the network predicts: eps | x0 | score
-    samplers = ("ancestral", *smp.SOLVERS)
+    samplers = ("ancestral", *smp.SOLVERS, "ode")
 
     @dataclass
     class Config(DenoiserConfig):
@@ -105,23 +106,33 @@ class GaussianDiffusion(Model):
         return arr[t].view(-1, 1, 1, 1)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's prediction of its target (eps | x0 | score) at integer times t [B]:
-        the U-Net output (time input scaled to 0..1000) through `precondition`."""
-        alpha = self._bcast(self.alpha_bar, t).sqrt()
-        return self.precondition(self.net(x_t, alpha, t.float() * (1000.0 / self.cfg.T)), x_t, t)
+        """The model's prediction of its target (eps | x0 | score) at integer times t [B]."""
+        return self.denoise_at(x_t, self._bcast(self.alpha_bar, t), t.float())
 
-    def precondition(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise_at(self, x_t: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The prediction at alpha_bar = ab [B,1,1,1] and (possibly fractional) time t [B]: the
+        U-Net output (time input scaled to 0..1000) through `precondition`."""
+        return self.precondition(self.net(x_t, ab.sqrt(), t * (1000.0 / self.cfg.T)), x_t, ab)
+
+    def precondition(self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """Raw network output -> prediction in the target's units (eps: the identity)."""
         return out
 
-    def x0_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def x0_from_output(self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """Luo (2022): x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) = (x_t + (1-ab) score) / sqrt(ab)."""
         if self.target == "x0":
             return out
-        ab = self._bcast(self.alpha_bar, t)
         if self.target == "eps":
             return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
         return (x_t + (1 - ab) * out) / ab.sqrt()  # score
+
+    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(ab) x0) / sqrt(1-ab) = -sqrt(1-ab) score."""
+        if self.target == "eps":
+            return out
+        if self.target == "x0":
+            return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+        return -(1 - ab).sqrt() * out  # score
 
     def mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(x_{t-1} | x_t) from the raw network output."""
@@ -137,7 +148,7 @@ class GaussianDiffusion(Model):
 
     def x0_hat(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's x_0 estimate from its (mean) output, clipped to [-1, 1] if `clip_x0`."""
-        x0 = self.x0_from_output(out, x_t, t)
+        x0 = self.x0_from_output(out, x_t, self._bcast(self.alpha_bar, t))
         return x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -174,12 +185,37 @@ class GaussianDiffusion(Model):
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
         """log SNR = log(alpha_bar / (1 - alpha_bar)) at (possibly fractional) times t in [1, T]:
         the continuous-time schedule of this discrete process, linear in t between integer times."""
-        ab = self.alpha_bar.double()[1:]
-        lam = torch.log(ab) - torch.log1p(-ab)  # [T], at t = 1..T
+        lam = self._logsnr_table()
         t = t.double().clamp(1, self.cfg.T)
         lo = t.floor().long().clamp(max=self.cfg.T - 1)
         w = t - lo
         return (1 - w) * lam[lo - 1] + w * lam[lo]
+
+    def _logsnr_table(self) -> torch.Tensor:
+        ab = self.alpha_bar.double()[1:]
+        return torch.log(ab) - torch.log1p(-ab)  # [T], at t = 1..T, decreasing
+
+    def time_of_logsnr(self, lam: torch.Tensor) -> torch.Tensor:
+        """The inverse of `logsnr`: the (fractional) time in [1, T] of log SNR lam (float64)."""
+        table = -self._logsnr_table()  # increasing in t
+        v = -lam.double().clamp(-table[-1], -table[0])
+        hi = torch.searchsorted(table, v.reshape(-1)).clamp(1, self.cfg.T - 1).view(v.shape)
+        lo = hi - 1
+        return lo + 1 + (v - table[lo]) / (table[hi] - table[lo])
+
+    # the probability-flow ODE's view of the model (ode.ODEView), on the continuous-time
+    # schedule of `logsnr`: the network is called at fractional times
+    def ode_logsnr_span(self) -> tuple[float, float]:
+        """log SNR at t = 1 (the lowest noise trained on: the data end) and at t = T."""
+        lam = self._logsnr_table()
+        return lam[0].item(), lam[-1].item()
+
+    def ode_eps(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The eps prediction (no clipping) at log SNR lam (0-dim): one network evaluation."""
+        t = self.time_of_logsnr(lam).to(x.dtype)
+        ab = torch.sigmoid(lam.to(x.dtype)).view(1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        out = self.denoise_at(x, ab, t.expand(len(x)))[:, : self.shape[0]]
+        return self.eps_from_output(out, x, ab)
 
     def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int, chunk: int,
                    spacing: str = "log") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -206,9 +242,12 @@ class GaussianDiffusion(Model):
 
     @torch.no_grad()
     def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, spacing: str = "log",
-                          **estimator: Any):
+                          ode: dict[str, Any] | None = None, **estimator: Any):
+        """The VLB's terms and profile over strata of t; with `ode` (`ode_estimator`), the ODE bound."""
         self._reject(estimator, self.name or type(self).__name__)
         self._check_x(x)
+        if ode is not None:
+            return self.ode_terms(x, **ode)
         if t_samples < 0:
             raise ValueError(f"t_samples must be >= 0 (0 = exact sum over all T terms), got {t_samples}")
         return self._vlb_terms(lk.to_unit(x, self.levels), x, t_samples, chunk, spacing)
@@ -222,7 +261,8 @@ class GaussianDiffusion(Model):
             label = f"VLB (T={T}, exact sum)"
         else:
             label = f"VLB (T={T}, {k} t, {ecfg.t_spacing} strata)"
-        return [(label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing})]
+        vlb = (label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing})
+        return [vlb] + ([self.ode_estimator(ecfg.ode)] if ecfg.ode.enabled else [])
 
     # -------------------------------------------------------------- training
 
@@ -256,12 +296,17 @@ class GaussianDiffusion(Model):
 
     nfe_module_name = "net"  # one U-Net call is one network evaluation
 
-    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", **options: Any) -> str:
+    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", rtol=None, atol=None,
+                      **options: Any) -> str:
+        if sampler == "ode":
+            return self.ode_sampler_label(rtol, atol)
         n = self.nfe(sampler, steps)
         every_t = sampler == "ancestral" and n == self.cfg.T  # all T times: no spacing to name
         return smp.label(sampler, n, eta, None if every_t else spacing)
 
-    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int | None:
+        if sampler == "ode":
+            return None  # adaptive: counted, not declared
         return self.cfg.T if steps is None else int(steps)
 
     def _sample_steps(self, steps: int | None) -> int:
@@ -353,11 +398,15 @@ class GaussianDiffusion(Model):
 
     @torch.no_grad()
     def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
-               **options: Any):
+               rtol=None, atol=None, **options: Any):
         """ancestral: Ho et al. Alg. 2 over all T steps, or respaced to `steps` on the `spacing`
         grid (`ancestral`); ddim / dpm++2m: `steps` network evaluations on the `spacing` grid
-        (samplers.py). The last state is binned to the L levels."""
+        (samplers.py); ode: the probability-flow ODE solved adaptively to rtol/atol (ode.py) down
+        to t = 1, divided by alpha_1. The last state is binned to the L levels."""
         self.check_sampler(sampler, steps, options)
+        self.check_ode_options(sampler, steps, eta, rtol, atol)
+        if sampler == "ode":
+            return lk.from_unit(self.ode_sample(n, generator, rtol, atol) / self.alpha_bar[1].sqrt(), self.levels)
         steps = self._sample_steps(steps)
         x = torch.randn(n, *self.shape, generator=generator, device=self.device)
         if sampler == "ancestral":
@@ -398,16 +447,18 @@ class _VLBMatching(GaussianDiffusion):
         super().__init__(shape, levels, cfg)
         if cfg.sigma_data <= 0:
             raise ValueError(f"{type(self).__name__}: sigma_data must be > 0, got {cfg.sigma_data}")
-        ab = self.alpha_bar.double()
-        skip, scale = self.skip_scale(ab) if cfg.precondition else (torch.zeros_like(ab), torch.ones_like(ab))
-        weights = self.vlb_weight().double() * scale**2
+        weights = self.vlb_weight().double() * self.skip_and_scale(self.alpha_bar.double())[1] ** 2
         weights[:2] = 0.0  # t = 0 (unused), t = 1 (the decoder term)
-        for k, v in {"t_probs": weights / weights.sum(), "skip": skip, "scale": scale}.items():
-            self.register_buffer(k, v.float(), persistent=False)
+        self.register_buffer("t_probs", (weights / weights.sum()).float(), persistent=False)
 
-    def precondition(self, out, x_t, t):
+    def skip_and_scale(self, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """skip(ab), scale(ab) of the preconditioning at alpha_bar = ab (any time, integer or not)."""
+        return self.skip_scale(ab) if self.cfg.precondition else (torch.zeros_like(ab), torch.ones_like(ab))
+
+    def precondition(self, out, x_t, ab):
         c = self.shape[0]
-        pred = self._bcast(self.skip, t) * x_t + self._bcast(self.scale, t) * out[:, :c]
+        skip, scale = self.skip_and_scale(ab)
+        pred = skip * x_t + scale * out[:, :c]
         return torch.cat([pred, out[:, c:]], 1) if out.shape[1] > c else pred
 
     def x0_weight(self) -> torch.Tensor:
@@ -419,7 +470,8 @@ class _VLBMatching(GaussianDiffusion):
         return torch.multinomial(self.t_probs, n, replacement=True).to(device)
 
     def matching_loss(self, out, x0, eps, x_t, t):
-        return ((out - self.target_of(x0, eps, t)) ** 2 / self._bcast(self.scale, t) ** 2).flatten(1).mean(1)
+        scale = self.skip_and_scale(self._bcast(self.alpha_bar, t))[1]
+        return ((out - self.target_of(x0, eps, t)) ** 2 / scale**2).flatten(1).mean(1)
 
 
 @register("ddpm_x0")

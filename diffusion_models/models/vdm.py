@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import likelihood as lk
+from .. import ode
 from .. import samplers as smp
 from ..nets import Denoiser, DenoiserConfig
 from . import register
@@ -56,10 +57,10 @@ class NoiseSchedule(nn.Module):
 
 
 @register("vdm")
-class VDM(Model):
+class VDM(ode.ProbabilityFlow, Model):
     """Kingma, Salimans, Poole & Ho 2021, "Variational Diffusion Models" (continuous-time VLB)."""
 
-    samplers = ("ancestral", *smp.SOLVERS)
+    samplers = ("ancestral", *smp.SOLVERS, "ode")
 
     family = "diffusion"
 
@@ -130,10 +131,14 @@ class VDM(Model):
         return vlb.mean() / self.dims
 
     @torch.no_grad()
-    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, **estimator: Any):
-        """The bound's terms and its profile over the K strata of t (log SNR = -gamma(t))."""
+    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, ode: dict[str, Any] | None = None,
+                          **estimator: Any):
+        """The bound's terms and its profile over the K strata of t (log SNR = -gamma(t)); with
+        `ode` (`ode_estimator`), the ODE bound."""
         self._reject(estimator, "vdm")
         self._check_x(x)
+        if ode is not None:
+            return self.ode_terms(x, **ode)
         if t_samples < 1:
             raise ValueError(f"vdm: the continuous-time VLB has no finite sum over steps (t_samples=0 means "
                              f"an exact sum over T terms); it needs a Monte Carlo t_samples >= 1, got {t_samples}")
@@ -156,15 +161,31 @@ class VDM(Model):
         return self.nll_terms_profile(x, **estimator)[0]
 
     def estimators(self, ecfg):
-        return [(f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})]
+        vlb = (f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})
+        return [vlb] + ([self.ode_estimator(ecfg.ode)] if ecfg.ode.enabled else [])
 
     nfe_module_name = "net"  # one U-Net call is one network evaluation
 
-    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", **options: Any) -> str:
+    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", rtol=None, atol=None,
+                      **options: Any) -> str:
+        if sampler == "ode":
+            return self.ode_sampler_label(rtol, atol)
         return smp.label(sampler, self.nfe(sampler, steps), eta, spacing)
 
-    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int:
+    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int | None:
+        if sampler == "ode":
+            return None  # adaptive: counted, not declared
         return 1000 if steps is None else int(steps)
+
+    # the probability-flow ODE's view of the model (ode.ODEView): log SNR = -gamma(t)
+    def ode_logsnr_span(self) -> tuple[float, float]:
+        """log SNR at t = 0 (the data end, where the decoder takes over) and at t = 1."""
+        g = self.gamma(torch.tensor([0.0, 1.0], device=self.device))
+        return -g[0].item(), -g[1].item()
+
+    def ode_eps(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The eps prediction at log SNR lam (0-dim): one network evaluation."""
+        return self.eps_hat(z, (-lam.to(z.dtype)).expand(len(z)))
 
     # the solvers' view of the model (samplers.SolverView), in continuous time
     def solver_times(self, steps: int, spacing: str) -> torch.Tensor:
@@ -191,11 +212,14 @@ class VDM(Model):
 
     @torch.no_grad()
     def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
-               **options: Any):
+               rtol=None, atol=None, **options: Any):
         """ancestral: p(z_s|z_t) = q(z_s|z_t, x=x_hat) on the uniform grid of `steps`
-        (`solver_times`); ddim / dpm++2m: samplers.py on the same grid; then the discrete
-        decoder p(x|z_0)."""
+        (`solver_times`); ddim / dpm++2m: samplers.py on the same grid; ode: the probability-flow
+        ODE solved adaptively to rtol/atol (ode.py) down to t = 0; then the discrete decoder p(x|z_0)."""
         self.check_sampler(sampler, steps, options)
+        self.check_ode_options(sampler, steps, eta, rtol, atol)
+        if sampler == "ode":
+            return self._decode(self.ode_sample(n, generator, rtol, atol), generator)
         steps = 1000 if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"vdm: steps must be >= 1, got {steps}")

@@ -27,13 +27,18 @@ def _sampler_kwargs(cfg: Config, sampler: str, steps: int | None) -> dict[str, A
     return kw | ({"eta": cfg.sample.eta} if sampler == "ddim" else {})
 
 
+def _ode_kwargs(tol: float) -> dict[str, Any]:
+    """The ODE sampler (adaptive: no steps) at rtol = atol = tol."""
+    return {"sampler": "ode", "steps": None, "rtol": tol, "atol": tol}
+
+
 def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
     own default when it has no such sampler), and the grid's settings the model supports, the
     headline first (kwargs for `Model.sample`)."""
     from ..samplers import SOLVERS
 
-    known = ("ancestral", *SOLVERS)
+    known = ("ancestral", *SOLVERS)  # `ode` is not a grid key: sample.ode_tolerances
     for where, sampler in [("sample.sampler", cfg.sample.sampler)] + [("sample.grid", g) for g in cfg.sample.grid]:
         if sampler not in known:
             raise StageError(f"{where}: unknown sampler '{sampler}'; samplers: {', '.join(known)}")
@@ -44,6 +49,8 @@ def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], li
         # a one-shot model's sampler takes no steps: its headline point is its only one
         if sampler in model.samplers and model.samplers != ("ancestral",):
             grid += [kw for k in steps if (kw := _sampler_kwargs(cfg, sampler, k)) != headline]
+    if "ode" in model.samplers:
+        grid += [_ode_kwargs(tol) for tol in cfg.sample.ode_tolerances]
     return headline, grid
 
 
