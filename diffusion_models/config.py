@@ -142,7 +142,8 @@ class Config:
     # model name -> overrides of that model's own config class (checked at build time)
     models: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {name: {} for name in
-                                 ("baseline", "vae", "hvae", "ddpm", "ddpm_x0", "ddpm_score", "iddpm", "vdm")}
+                                 ("baseline", "vae", "hvae", "ddpm", "ddpm_x0", "ddpm_score", "iddpm", "vdm",
+                                  "pixelcnn", "flow")}
     )
 
 

@@ -79,4 +79,4 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Mo
 
 
 # Importing the model files registers them.
-from . import baseline, diffusion, hvae, vae, vdm  # noqa: E402,F401
+from . import baseline, diffusion, flow, hvae, pixelcnn, vae, vdm  # noqa: E402,F401
