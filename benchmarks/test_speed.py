@@ -234,3 +234,55 @@ def test_train_step_settings(benchmark, name, variant):
         benchmark(step)
     finally:
         torch.set_num_threads(threads)
+
+
+HEADLINE = {"sampler": "dpm++2m", "steps": 20, "spacing": "trailing"}  # the pipeline's headline sampler
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", [n for n in models.names() if _model(n).nfe_module() is not None])
+def test_sampling_precision(benchmark, name, precision):
+    """The headline sampler (diffusion: DPM-Solver++ 20 steps; the others their own) at batch
+    256 through draw_samples, the network in fp32 or under bf16 autocast (`sample.precision`);
+    the ratio of the two medians is the speed-up. Whether FID moves is checked by the pipeline
+    on trained models (results/precision_check.csv), not here."""
+    from diffusion_models.evaluate import draw_samples
+
+    m = _eval_model(name)
+    kw = HEADLINE if name in SOLVER_MODELS else {}
+    draw_samples(m, SAMPLE_BATCH, SAMPLE_BATCH, precision=precision, **kw)  # warm-up
+    benchmark.extra_info.update(samples_per_call=SAMPLE_BATCH, nfe=m.nfe(**kw), precision=precision)
+    benchmark.pedantic(lambda: draw_samples(m, SAMPLE_BATCH, SAMPLE_BATCH, precision=precision, **kw),
+                       rounds=5, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["samples_per_sec"] = SAMPLE_BATCH / benchmark.stats.stats.median
+
+
+PARALLEL_STEPS = 150
+
+
+def _fit_steps(name, seed, threads=0):
+    """PARALLEL_STEPS training steps of a fresh model (one run of the train stage, shortened)."""
+    from diffusion_models.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    m = _model(name)
+    x = torch.randint(0, LEVELS, (1024, *SHAPE), generator=torch.Generator().manual_seed(seed))
+    return train(m, x, TrainConfig(images=BATCH * PARALLEL_STEPS, seed=seed, val_every=0), progress=False).steps
+
+
+@pytest.mark.parametrize("mode", ["in_turn", "side_by_side"])
+@pytest.mark.parametrize("name", ["ddpm", "vae", "pixelcnn"])
+def test_parallel_runs(benchmark, name, mode):
+    """Three seeds' training runs as the train stage runs them on a CPU: in turn with all the
+    threads, or side by side in three processes sharing them (pipeline.common.parallel_runs;
+    process start-up included, as in the stage). The ratio of the two is the stage's speed-up."""
+    from diffusion_models.pipeline.common import in_workers
+
+    cores = torch.get_num_threads()
+    workers, threads = (1, 0) if mode == "in_turn" else (3, max(1, cores // 3))
+    benchmark.extra_info.update(runs=3, steps_per_run=PARALLEL_STEPS, workers=workers, threads=threads or cores)
+    benchmark.pedantic(lambda: in_workers(_fit_steps, [(name, s) for s in range(3)], workers, threads),
+                       rounds=1, iterations=1)

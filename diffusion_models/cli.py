@@ -24,8 +24,7 @@ from . import config as config_mod
 from . import data, models
 from .config import ConfigError
 from .pipeline.common import StageError, start_clock
-from .quality import QualityError
-from .report import UnmatchedError
+from .runtime import QualityError
 from .train import TrainingError
 
 
@@ -95,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # a per-model stage: its module is imported alone (pipeline/<stage>.py)
             stage = getattr(importlib.import_module(f".pipeline.{args.cmd}", __package__), args.cmd)
             stage(cfg, args.model, args.device)
-    except (ConfigError, data.DataError, StageError, QualityError, TrainingError, UnmatchedError,
-            KeyError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, data.DataError, StageError, QualityError, TrainingError,
+            KeyError, FileNotFoundError, ValueError) as e:  # (report.UnmatchedError is a ValueError)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

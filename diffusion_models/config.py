@@ -49,6 +49,8 @@ class TrainConfig:
                                   # fractions of `images`; 1.0 is always included
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
+    workers: int = 0              # CPU: runs (seeds) trained side by side, in this many processes
+                                  # sharing the threads; 0 = all runs (up to 2 per core), 1 = in turn
     log_every: int = 50           # steps between DVCLive points
     val_every: int = 200          # steps between validation bounds on the learning curve (0: off)
     val_t_samples: int = 10       # diffusion: strata of t of that validation bound (cheap, unbiased)
@@ -117,6 +119,9 @@ class SampleConfig:
     ode_tolerances: list[float] = field(default_factory=lambda: [1e-2, 1e-3, 1e-4])
                                   # the ODE sampler (diffusion models) in the grid: dopri5 at
                                   # rtol = atol = each of these; NFE is what it used
+    precision: str = "bf16"       # the network's precision while sampling: bf16 (autocast) | fp32;
+                                  # with bf16 the headline setting is also run in fp32 on the first
+                                  # seed's final checkpoint (same noise), so the grid shows the change
     eta: float = 0.0              # DDIM eta (0: deterministic DDIM, 1: DDPM-like noise)
     spacing: str = "trailing"     # timestep spacing of ddim / dpm++2m: trailing | leading
     kid_subset_size: int = 1000   # KID: subset size (capped at the smaller set) and subsets
@@ -153,7 +158,7 @@ _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", 
              "data.test_size", "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.steps", "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets",
              "sample.prc_neighborhood"}
-_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema", "train.val_every",
+_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.workers", "train.ema", "train.val_every",
                  "evaluate.t_samples", "sample.eta"}
 
 
@@ -242,6 +247,8 @@ def _check_ranges(cfg: Config) -> None:
     for key, allowed in choices.items():
         if getattr(o, key) not in allowed:
             raise ConfigError(f"evaluate.ode.{key} must be one of {', '.join(allowed)}, got {getattr(o, key)!r}")
+    if cfg.sample.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"sample.precision must be 'fp32' or 'bf16', got {cfg.sample.precision!r}")
     if cfg.evaluate.t_spacing not in ("log", "uniform"):
         raise ConfigError(f"evaluate.t_spacing must be 'log' or 'uniform', got {cfg.evaluate.t_spacing!r}")
     if not 0 <= cfg.sample.eta <= 1:

@@ -75,10 +75,11 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
 
 
 def draw_samples(model: Model, n: int, batch_size: int, generator: torch.Generator | None = None,
-                 **sampler: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+                 precision: str = "fp32", **sampler: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """n samples in calls of `batch_size` (without autograd), and the sampling speed at that
     batch size: the first full batch is the warm-up, the figures are the median over the other
-    full batches (NaN when there are fewer than two full batches).
+    full batches (NaN when there are fewer than two full batches). `precision` "bf16": the
+    network runs under bfloat16 autocast (the sampler's own arithmetic stays fp32).
 
     `nfe` is counted, not declared: the forward calls of `model.nfe_module()` (a hook, for the
     duration of sampling) per call of `model.sample`, the same for every batch (else their
@@ -90,7 +91,9 @@ def draw_samples(model: Model, n: int, batch_size: int, generator: torch.Generat
     hook = None if module is None else module.register_forward_hook(
         lambda *_: counter.__setitem__(0, counter[0] + 1))
     try:
-        with torch.no_grad():
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        with torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=precision == "bf16"):
             start = time.perf_counter()
             for i in range(0, n, batch_size):
                 b = min(batch_size, n - i)

@@ -29,6 +29,8 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from .runtime import QualityError  # noqa: F401  (raised here; the CLI catches it without this module)
+
 CLASSIFIER = "classifier"
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset name
@@ -36,8 +38,6 @@ EXTRACTORS = (CLASSIFIER, INCEPTION)
 FID_LAYER = {CLASSIFIER: "features", INCEPTION: "2048"}  # torch-fidelity's default FID/KID/PR layers
 
 
-class QualityError(RuntimeError):
-    """Sample-quality metrics cannot be computed as configured; the message says why."""
 
 
 # ----------------------------------------------------------------------------- images

@@ -59,7 +59,8 @@ def sampling_runs(samples: list[dict[str, Any]]) -> pd.DataFrame:
                 rows.append({"model": rec["model"], **{k: p[k] for k in RUN_FIELDS},
                              "sampler": p["label"], "sampler_name": p["sampler"],
                              "steps": p["steps"] if p["steps"] is not None else p["nfe"], "nfe": p["nfe"],
-                             "headline": p["headline"], "n_samples": rec["n_samples"],
+                             "headline": p["headline"], "dtype": p.get("precision", "fp32"),  # (precision: P/R's)
+                             "n_samples": rec["n_samples"],
                              "reference_set": rec["references"][m["reference"]], "dataset": rec["dataset"],
                              "device": rec["device"], **{k: p[k] for k in ("samples_per_sec", "sec_per_sample",
                                                                            "speed_batch", "speed_repeats",
@@ -248,6 +249,38 @@ def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd
     return ok[["model", "seed", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
 
 
+def precision_check(sampling: pd.DataFrame, comparison: pd.DataFrame,
+                    extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
+    """Per model with a network sampled in bf16: the headline setting in bf16 and in fp32 on the
+    same noise (first seed's final checkpoint), FID (against the training split) and samples/s of
+    each, and whether the FID moved by less than its spread over seeds (std of the headline FID)."""
+    g = grid_rows(sampling)
+    g = g[(g["extractor"] == extractor) & (g["reference"] == "train") & (g["status"] == "ok")]
+    spread = comparison.set_index("model")["fid_std"]
+    rows = []
+    for model, m in g.groupby("model", sort=False):
+        head = m[m["headline"].astype(bool)]
+        if head.empty or head["dtype"].iloc[0] == "fp32":
+            continue
+        h = head.iloc[0]
+        twin = m[~m["headline"].astype(bool) & (m["dtype"] == "fp32") & (m["sampler_name"] == h["sampler_name"])
+                 & (m["nfe"] == h["nfe"])]
+        if twin.empty:
+            continue
+        f = twin.iloc[0]
+        diff = h["fid"] - f["fid"]
+        rows.append({"model": model, "sampler": f["sampler"].removesuffix(", fp32"), "nfe": h["nfe"],
+                     "fid_fp32": f["fid"], f"fid_{h['dtype']}": h["fid"], "fid_diff": diff,
+                     "fid_seed_std": spread.get(model, float("nan")),
+                     "within_seed_spread": bool(abs(diff) < spread.get(model, float("nan"))),
+                     "samples_per_sec_fp32": f["samples_per_sec"],
+                     f"samples_per_sec_{h['dtype']}": h["samples_per_sec"],
+                     "speedup": h["samples_per_sec"] / f["samples_per_sec"]})
+    return pd.DataFrame(rows, columns=["model", "sampler", "nfe", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std",
+                                       "within_seed_spread", "samples_per_sec_fp32", "samples_per_sec_bf16",
+                                       "speedup"])
+
+
 PARAM_TOLERANCE = 0.10  # parameter counts matched within +-10% of the trained models' median
 
 
@@ -358,7 +391,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, sampling: pd.DataFrame,
              caption: list[str], timings: pd.DataFrame | None = None,
-             significance: pd.DataFrame | None = None, views: pd.DataFrame | None = None) -> str:
+             significance: pd.DataFrame | None = None, views: pd.DataFrame | None = None,
+             precision: pd.DataFrame | None = None) -> str:
     seeds = int(comparison["seeds"].max())
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     fmt = pd.DataFrame({
@@ -449,6 +483,20 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         sfmt.to_markdown(index=False, disable_numparse=True),
         "",
     ] + [f"Not computed: {m}" for m in missing] + ([""] if missing else [])
+    if precision is not None and len(precision):
+        pc = precision[["model", "sampler", "nfe", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std",
+                        "within_seed_spread", "samples_per_sec_fp32", "samples_per_sec_bf16", "speedup"]].copy()
+        for c in ("fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std"):
+            pc[c] = pc[c].map(lambda v: _fmt(v, ".4f"))
+        for c in ("samples_per_sec_fp32", "samples_per_sec_bf16"):
+            pc[c] = pc[c].map(lambda v: _fmt(v, ".1f"))
+        pc["speedup"] = pc["speedup"].map(lambda v: _fmt(v, ".2f"))
+        lines += ["## Sampling precision: the headline sampler in bf16 against fp32 (first seed's final "
+                  "checkpoint, the same noise)", "",
+                  "The tables above sample with the network under bfloat16 autocast (`sample.precision`). "
+                  "`fid_diff` = FID(bf16) − FID(fp32); `within_seed_spread`: |fid_diff| is below the standard "
+                  "deviation of the headline FID over seeds. Speeds as in the grid (one run, side by side).", "",
+                  pc.to_markdown(index=False, disable_numparse=True), ""]
     if significance is not None and len(significance):
         sig = significance.copy()
         for c in ("diff", "ci_lo", "ci_hi"):

@@ -21,6 +21,12 @@ import torch
 PACKAGES = ("torch", "torchmetrics", "torch-fidelity", "dvc", "dvclive", "pandas", "numpy")
 
 
+
+class QualityError(RuntimeError):
+    """Sample-quality metrics cannot be computed as configured; the message says why (defined
+    here, not in quality.py, so that the CLI can catch it without importing torch-fidelity)."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
     if name == "auto":
@@ -59,10 +65,12 @@ def processor() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_label(dev: torch.device) -> str:
+def device_label(dev: torch.device, threads: int | None = None) -> str:
+    """The device as the records name it; a CPU with its intra-op threads (default: this process's)."""
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({processor()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+    n = threads or torch.get_num_threads()
+    return f"cpu ({processor()}, {platform.machine()}, {n} thread{'s' if n != 1 else ''})"
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -70,3 +70,12 @@ def test_load_params_errors_name_the_file(tmp_path):
     p.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(p)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"sample": {"precision": "fp16"}}, "sample.precision must be 'fp32' or 'bf16'"),
+    ({"train": {"workers": -1}}, r"train\.workers must be >= 0"),
+])
+def test_sampling_precision_and_workers_checked(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)

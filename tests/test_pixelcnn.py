@@ -14,16 +14,7 @@ from diffusion_models import models
 from diffusion_models import likelihood as lk
 from diffusion_models.config import TrainConfig
 from diffusion_models.train import train
-from helpers import uniform
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread, uniform  # noqa: F401  (one_thread: autouse)
 
 
 def build(shape, levels, sharpen=4.0, **cfg):

@@ -12,18 +12,10 @@ from diffusion_models.evaluate import draw_samples
 from diffusion_models.models.base import Model
 from diffusion_models.models.diffusion import make_betas
 from diffusion_models.samplers import ddim_sigma, solve
+from helpers import one_thread  # noqa: F401  (autouse: this module runs on one thread)
 
 SHAPE = (1, 2, 2)
 MU, S = 0.3, 0.5  # data: i.i.d. N(MU, S^2) per dimension
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def optimal_eps(x_t, alpha, sigma):
@@ -349,6 +341,24 @@ def test_draw_samples_reports_the_mean_count_when_batches_differ():
     with pytest.raises(RuntimeError, match="boom"):
         draw_samples(m, 2, 2)
     assert not m.net._forward_hooks  # removed on errors too
+
+
+def test_bf16_precision_runs_the_network_under_autocast_and_nothing_else():
+    """precision="bf16": the U-Net's outputs are bfloat16 (autocast), the samples the same
+    integers as fp32 in almost every pixel (same noise), and the declared/counted NFE the same."""
+    m = models.build("ddpm", shape=(1, 4, 4), levels=17, T=40)
+    dtypes = []
+    hook = m.net.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    kw = {"sampler": "dpm++2m", "steps": 5}
+    x32, s32 = draw_samples(m, 64, 32, torch.Generator().manual_seed(0), **kw)
+    n32 = len(dtypes)
+    x16, s16 = draw_samples(m, 64, 32, torch.Generator().manual_seed(0), precision="bf16", **kw)
+    hook.remove()
+    assert set(dtypes[:n32]) == {torch.float32} and set(dtypes[n32:]) == {torch.bfloat16}
+    assert s16["nfe"] == s32["nfe"] == 5 and x16.dtype == x32.dtype == torch.long
+    assert (x16 == x32).float().mean() > 0.9  # bf16 moves a pixel across a bin edge now and then
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        draw_samples(m, 2, 2, precision="fp16", **kw)
 
 
 # --------------------------------------------------------------------------- errors

@@ -29,6 +29,7 @@ def compare(cfg: Config) -> None:
     comp = report.comparison_table(runs, matched, {m: significance.tied_with(sig, m) for m in SIGNIFICANCE_METRICS})
     nll, sweep, profile = report.nll_table(nll_runs), report.sweep_table(runs), report.profile_table(evals)
     views = report.views_table(evals)
+    precision = report.precision_check(sampling, comp)
     provenance = report.provenance(trains, cfg.train.images)
     n, seeds = int(sampling["n_samples"].iloc[0]), run_seeds(cfg)
     extractor = comp["fid_extractor"].iloc[0]
@@ -38,12 +39,12 @@ def compare(cfg: Config) -> None:
                f"({extractor} features) against the training split, headline sampler with NFE per row; "
                f"{provenance[2]}.")
     versions_str = "; ".join(f"{k}={v}" for k, v in trains[0]["versions"].items())
-    for df in (comp, nll, sweep, runs, sampling, sig, profile, views):
+    for df in (comp, nll, sweep, runs, sampling, sig, profile, views, precision):
         df["budget_images"], df["versions"] = cfg.train.images, versions_str
     nll["dataset"], comp["caption"] = cfg.data.name, caption
     tables = {"comparison.csv": comp, "nll.csv": nll, "budget_sweep.csv": sweep, "runs.csv": runs,
               "sampling.csv": sampling, "significance.csv": sig, "vlb_profile.csv": profile,
-              "likelihood_views.csv": views}
+              "likelihood_views.csv": views, "precision_check.csv": precision}
     for fname, df in tables.items():
         write_text(RESULTS / fname, df.to_csv(index=False))
     timings = report.stage_times(trains, evals, samples, read_json(FEATURES / "features.json"))
@@ -60,6 +61,6 @@ def compare(cfg: Config) -> None:
                            f"{cfg.data.name}: where each diffusion bound's bits come from (test split, "
                            f"{cfg.train.images:,} training images, mean over {len(seeds)} seeds)")
     write_text(RESULTS / "comparison.tex", report.latex(comp, caption.replace("±", "$\\pm$")))
-    text = report.markdown(comp, nll, sweep, sampling, provenance, timings, sig, views)
+    text = report.markdown(comp, nll, sweep, sampling, provenance, timings, sig, views, precision)
     write_text(RESULTS / "comparison.md", text)
     print(text)

@@ -35,7 +35,8 @@ def _ode_kwargs(tol: float) -> dict[str, Any]:
 def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
     own default when it has no such sampler), and the grid's settings the model supports, the
-    headline first (kwargs for `Model.sample`)."""
+    headline first (kwargs for `draw_samples`: `Model.sample`'s and, for models with a network,
+    its `precision`; with bf16 the headline's fp32 twin comes second)."""
     from ..samplers import SOLVERS
 
     known = ("ancestral", *SOLVERS)  # `ode` is not a grid key: sample.ode_tolerances
@@ -51,7 +52,13 @@ def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], li
             grid += [kw for k in steps if (kw := _sampler_kwargs(cfg, sampler, k)) != headline]
     if "ode" in model.samplers:
         grid += [_ode_kwargs(tol) for tol in cfg.sample.ode_tolerances]
-    return headline, grid
+    if model.nfe_module() is None:  # no network: nothing runs in a precision
+        return headline, grid
+    # the network in sample.precision, but the adaptive ODE solver's error control in fp32
+    grid = [{**kw, "precision": "fp32" if kw.get("sampler") == "ode" else cfg.sample.precision} for kw in grid]
+    if cfg.sample.precision != "fp32":  # the check: the headline setting in fp32, beside it
+        grid.insert(1, {**grid[0], "precision": "fp32"})
+    return grid[0], grid
 
 
 class _Memorisation:
@@ -109,6 +116,8 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
         for kw in grid if first else [headline]:
             gen = torch.Generator(device=dev).manual_seed(s.seed + run["seed"])
             images, speed = draw_samples(model, n, s.batch_size, gen, **kw)
+            setting = {k: v for k, v in kw.items() if k != "precision"}
+            label = model.sampler_label(**setting) + (f", {kw['precision']}" if "precision" in kw else "")
             if first and kw == headline:
                 quality.sample_grid(images, model.levels, GRIDS / f"{name}.png")
             samples = quality.ImageSet(images, model.levels)
@@ -128,7 +137,8 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                             row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
                     rows.append(row)
             point = {**{k: run[k] for k in RUN_FIELDS}, "sampler": kw.get("sampler", "ancestral"),
-                     "steps": kw.get("steps"), "label": model.sampler_label(**kw), "headline": kw == headline,
+                     "steps": kw.get("steps"), "label": label, "precision": kw.get("precision", "fp32"),
+                     "headline": kw == headline,
                      **speed, "metrics": rows, "memorisation": memorised(images)}
             results.append(point)
             main, held, mem = rows[0], rows[1], point["memorisation"]
