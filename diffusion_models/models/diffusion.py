@@ -211,11 +211,13 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         return lam[0].item(), lam[-1].item()
 
     def ode_eps(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """The eps prediction (no clipping) at log SNR lam (0-dim): one network evaluation."""
+        """The eps prediction at log SNR lam (0-dim), made as `predict` makes it at integer times
+        (re-derived from the x0 estimate clipped to [-1, 1] when `clip_x0`), so that the ODE is
+        the flow of the same model that DDIM, DPM-Solver++ and the VLB use. One network
+        evaluation. The clamp keeps the field Lipschitz: the change of variables holds."""
         t = self.time_of_logsnr(lam).to(x.dtype)
         ab = torch.sigmoid(lam.to(x.dtype)).view(1, 1, 1, 1).expand(len(x), 1, 1, 1)
-        out = self.denoise_at(x, ab, t.expand(len(x)))[:, : self.shape[0]]
-        return self.eps_from_output(out, x, ab)
+        return self.x0_eps(self.denoise_at(x, ab, t.expand(len(x)))[:, : self.shape[0]], x, ab)[1]
 
     def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int, chunk: int,
                    spacing: str = "log") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -336,8 +338,13 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         """(x0_hat, eps_hat) at integer time t (0-dim or [B]); eps_hat is re-derived from the
         (clipped) x0_hat."""
         t = t.expand(len(x))
-        x0 = self.x0_hat(self.denoise(x, t)[:, : self.shape[0]], x, t)
-        ab = self._bcast(self.alpha_bar, t)
+        return self.x0_eps(self.denoise(x, t)[:, : self.shape[0]], x, self._bcast(self.alpha_bar, t))
+
+    def x0_eps(self, out: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from the network's (mean) output at alpha_bar `ab`: x0_hat clipped to
+        [-1, 1] if `clip_x0`, eps_hat re-derived from it (what the samplers and the ODE use)."""
+        x0 = self.x0_from_output(out, x, ab)
+        x0 = x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     # ancestral sampling on a subsequence of the times (Nichol & Dhariwal 2021, sec. 4)
