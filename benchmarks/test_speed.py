@@ -258,19 +258,7 @@ def test_sampling_precision(benchmark, name, precision):
         benchmark.extra_info["samples_per_sec"] = SAMPLE_BATCH / benchmark.stats.stats.median
 
 
-PARALLEL_STEPS = 150
-
-
-def _fit_steps(name, seed, threads=0):
-    """PARALLEL_STEPS training steps of a fresh model (one run of the train stage, shortened)."""
-    from diffusion_models.train import train
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    m = _model(name)
-    x = torch.randint(0, LEVELS, (1024, *SHAPE), generator=torch.Generator().manual_seed(seed))
-    return train(m, x, TrainConfig(images=BATCH * PARALLEL_STEPS, seed=seed, val_every=0), progress=False).steps
+PARALLEL_STEPS = 400  # per run: enough that the workers' start-up (~3 s) is a fraction, as in the stage
 
 
 @pytest.mark.parametrize("mode", ["in_turn", "side_by_side"])
@@ -284,5 +272,7 @@ def test_parallel_runs(benchmark, name, mode):
     cores = torch.get_num_threads()
     workers, threads = (1, 0) if mode == "in_turn" else (3, max(1, cores // 3))
     benchmark.extra_info.update(runs=3, steps_per_run=PARALLEL_STEPS, workers=workers, threads=threads or cores)
-    benchmark.pedantic(lambda: in_workers(_fit_steps, [(name, s) for s in range(3)], workers, threads),
+    from parallel_runs import fit_steps  # a light module: what each spawned worker imports
+
+    benchmark.pedantic(lambda: in_workers(fit_steps, [(name, s, PARALLEL_STEPS) for s in range(3)], workers, threads),
                        rounds=1, iterations=1)

@@ -154,10 +154,9 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -> tuple[int, int]:
     """(worker processes, intra-op threads each) for `n_runs` independent runs. On a CPU, all
-    the runs at once (up to two per core), sharing the cores' threads: small networks use two
-    threads poorly, and on the 2-core development machine three one-thread runs side by side
-    trained 1.5x (ddpm) and 1.1x (pixelcnn) faster than the same runs in turn with two threads
-    (README, "Performance"). On a GPU or under torchrun: the runs in turn."""
+    the runs at once (up to two per core), sharing the cores' threads; on the 2-core development
+    machine that measured 0.92-1.13x the speed of the same runs in turn (benchmarks,
+    test_parallel_runs; README, "Performance"). On a GPU or under torchrun: the runs in turn."""
     cores = torch.get_num_threads()  # after setup_torch: train.threads, or the library default (the cores)
     if dev.type != "cpu" or world > 1 or n_runs < 2:
         return 1, cfg.train.threads

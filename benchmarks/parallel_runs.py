@@ -1,0 +1,21 @@
+"""One shortened training run, the job of test_speed.test_parallel_runs: in its own module so
+that a spawned worker imports only this (not the benchmark module and its models)."""
+import torch
+
+from diffusion_models import models
+from diffusion_models.config import TrainConfig
+from diffusion_models.train import train
+
+
+def fit_steps(name: str, seed: int, steps: int, threads: int = 0) -> int:
+    """`steps` training steps of a fresh model at the digits shape, default batch."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    m = models.build(name, shape=(1, 8, 8), levels=17)
+    x = torch.randint(0, 17, (1024, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    m.init_from_data(x)
+    cfg = TrainConfig(seed=seed, val_every=0)
+    cfg.images = cfg.batch_size * steps
+    return train(m, x, cfg, progress=False).steps
+
