@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion_models import models
-from diffusion_models.config import EvalConfig, TrainConfig
+from diffusion_models.config import EvalConfig, SampleConfig, TrainConfig
 from diffusion_models.train import clip_gradients, make_optimizer, measure_flops
 
 SHAPE, LEVELS = (1, 8, 8), 17
@@ -236,7 +236,8 @@ def test_train_step_settings(benchmark, name, variant):
         torch.set_num_threads(threads)
 
 
-HEADLINE = {"sampler": "dpm++2m", "steps": 20, "spacing": "trailing"}  # the pipeline's headline sampler
+_S = SampleConfig()
+HEADLINE = {"sampler": _S.sampler, "steps": _S.steps, "spacing": _S.spacing}  # the pipeline's headline sampler
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -257,22 +258,3 @@ def test_sampling_precision(benchmark, name, precision):
     if benchmark.stats is not None:
         benchmark.extra_info["samples_per_sec"] = SAMPLE_BATCH / benchmark.stats.stats.median
 
-
-PARALLEL_STEPS = 400  # per run: enough that the workers' start-up (~3 s) is a fraction, as in the stage
-
-
-@pytest.mark.parametrize("mode", ["in_turn", "side_by_side"])
-@pytest.mark.parametrize("name", ["ddpm", "vae", "pixelcnn"])
-def test_parallel_runs(benchmark, name, mode):
-    """Three seeds' training runs as the train stage runs them on a CPU: in turn with all the
-    threads, or side by side in three processes sharing them (pipeline.common.parallel_runs;
-    process start-up included, as in the stage). The ratio of the two is the stage's speed-up."""
-    from diffusion_models.pipeline.common import in_workers
-
-    cores = torch.get_num_threads()
-    workers, threads = (1, 0) if mode == "in_turn" else (3, max(1, cores // 3))
-    benchmark.extra_info.update(runs=3, steps_per_run=PARALLEL_STEPS, workers=workers, threads=threads or cores)
-    from parallel_runs import fit_steps  # a light module: what each spawned worker imports
-
-    benchmark.pedantic(lambda: in_workers(fit_steps, [(name, s, PARALLEL_STEPS) for s in range(3)], workers, threads),
-                       rounds=1, iterations=1)

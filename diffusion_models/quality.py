@@ -38,8 +38,6 @@ EXTRACTORS = (CLASSIFIER, INCEPTION)
 FID_LAYER = {CLASSIFIER: "features", INCEPTION: "2048"}  # torch-fidelity's default FID/KID/PR layers
 
 
-
-
 # ----------------------------------------------------------------------------- images
 
 

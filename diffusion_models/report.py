@@ -249,6 +249,10 @@ def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd
     return ok[["model", "seed", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
 
 
+PRECISION_COLUMNS = ["model", "sampler", "nfe", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std", "within_seed_spread",
+                     "samples_per_sec_fp32", "samples_per_sec_bf16", "speedup"]
+
+
 def precision_check(sampling: pd.DataFrame, comparison: pd.DataFrame,
                     extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
     """Per model with a network sampled in bf16: the headline setting in bf16 and in fp32 on the
@@ -260,7 +264,7 @@ def precision_check(sampling: pd.DataFrame, comparison: pd.DataFrame,
     rows = []
     for model, m in g.groupby("model", sort=False):
         head = m[m["headline"].astype(bool)]
-        if head.empty or head["dtype"].iloc[0] == "fp32":
+        if head.empty or head["dtype"].iloc[0] != "bf16":
             continue
         h = head.iloc[0]
         twin = m[~m["headline"].astype(bool) & (m["dtype"] == "fp32") & (m["sampler_name"] == h["sampler_name"])
@@ -270,15 +274,13 @@ def precision_check(sampling: pd.DataFrame, comparison: pd.DataFrame,
         f = twin.iloc[0]
         diff = h["fid"] - f["fid"]
         rows.append({"model": model, "sampler": f["sampler"].removesuffix(", fp32"), "nfe": h["nfe"],
-                     "fid_fp32": f["fid"], f"fid_{h['dtype']}": h["fid"], "fid_diff": diff,
+                     "fid_fp32": f["fid"], "fid_bf16": h["fid"], "fid_diff": diff,
                      "fid_seed_std": spread.get(model, float("nan")),
                      "within_seed_spread": bool(abs(diff) < spread.get(model, float("nan"))),
                      "samples_per_sec_fp32": f["samples_per_sec"],
-                     f"samples_per_sec_{h['dtype']}": h["samples_per_sec"],
+                     "samples_per_sec_bf16": h["samples_per_sec"],
                      "speedup": h["samples_per_sec"] / f["samples_per_sec"]})
-    return pd.DataFrame(rows, columns=["model", "sampler", "nfe", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std",
-                                       "within_seed_spread", "samples_per_sec_fp32", "samples_per_sec_bf16",
-                                       "speedup"])
+    return pd.DataFrame(rows, columns=PRECISION_COLUMNS)
 
 
 PARAM_TOLERANCE = 0.10  # parameter counts matched within +-10% of the trained models' median
@@ -484,8 +486,7 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         "",
     ] + [f"Not computed: {m}" for m in missing] + ([""] if missing else [])
     if precision is not None and len(precision):
-        pc = precision[["model", "sampler", "nfe", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std",
-                        "within_seed_spread", "samples_per_sec_fp32", "samples_per_sec_bf16", "speedup"]].copy()
+        pc = precision[PRECISION_COLUMNS].copy()
         for c in ("fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std"):
             pc[c] = pc[c].map(lambda v: _fmt(v, ".4f"))
         for c in ("samples_per_sec_fp32", "samples_per_sec_bf16"):

@@ -21,7 +21,6 @@ import torch
 PACKAGES = ("torch", "torchmetrics", "torch-fidelity", "dvc", "dvclive", "pandas", "numpy")
 
 
-
 class QualityError(RuntimeError):
     """Sample-quality metrics cannot be computed as configured; the message says why (defined
     here, not in quality.py, so that the CLI can catch it without importing torch-fidelity)."""
@@ -65,12 +64,10 @@ def processor() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_label(dev: torch.device, threads: int | None = None) -> str:
-    """The device as the records name it; a CPU with its intra-op threads (default: this process's)."""
+def device_label(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    n = threads or torch.get_num_threads()
-    return f"cpu ({processor()}, {platform.machine()}, {n} thread{'s' if n != 1 else ''})"
+    return f"cpu ({processor()}, {platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -47,7 +47,7 @@ class Resume:
 
 # TrainConfig fields that do not change what one run computes or reports (the device and
 # threads are in the key as resolved; seeds and fractions choose which runs and snapshots exist)
-_NOT_IN_KEY = ("device", "threads", "workers", "checkpoint_every", "seeds", "fractions", "val_every", "val_t_samples")
+_NOT_IN_KEY = ("device", "threads", "checkpoint_every", "seeds", "fractions", "val_every", "val_t_samples")
 
 
 def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, code: str, processes: int = 1) -> dict[str, Any]:

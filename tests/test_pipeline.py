@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from diffusion_models.cli import main
@@ -63,8 +62,7 @@ def test_model_not_listed_in_params(tmp_path, monkeypatch, capsys):
 
 
 def test_finished_runs_are_kept_only_when_made_by_the_same_code(tmp_path, monkeypatch, capsys):
-    # the runs in this process (workers: 1), where the patch below reaches them
-    params = {**TINY, "models": {"vae": {"width": 8}}, "train": {**TINY["train"], "workers": 1}}
+    params = {**TINY, "models": {"vae": {"width": 8}}}
     for argv in (["prepare"], ["train", "vae"]):
         assert run_cli(tmp_path, monkeypatch, capsys, params, *argv)[0] == 0
     capsys.readouterr()
@@ -77,43 +75,6 @@ def test_finished_runs_are_kept_only_when_made_by_the_same_code(tmp_path, monkey
         out.append(capsys.readouterr().out)
     assert "vae seed 0: kept" in out[0] and "vae seed 1: kept" in out[0] and "trained vae" not in out[0]
     assert "kept" not in out[1] and "trained vae seed 0" in out[1] and "trained vae seed 1" in out[1]
-
-
-@pytest.mark.slow
-def test_runs_trained_side_by_side_equal_runs_trained_in_turn(tmp_path, monkeypatch, capfd):
-    """On a CPU the seeds train in parallel processes (one thread each on this 2-thread
-    setting); the same runs trained one after another in this process with one thread give
-    bit-identical checkpoints, learning curves and DVCLive summary."""
-    out, threads = {}, torch.get_num_threads()
-    for mode, train in (("parallel", {"threads": 2}), ("in turn", {"threads": 1, "workers": 1})):
-        work = tmp_path / mode.replace(" ", "_")
-        work.mkdir()
-        params = {**TINY, "models": {"vae": {"width": 8}}, "train": {**TINY["train"], **train}}
-        monkeypatch.chdir(work)
-        (work / "params.yaml").write_text(yaml.safe_dump(params))
-        try:
-            assert main(["prepare"]) == 0 and main(["train", "vae"]) == 0
-        finally:
-            torch.set_num_threads(threads)  # the stage set this process's threads
-        out[mode] = capfd.readouterr().out
-        out[mode + " record"] = json.loads((work / "results" / "train" / "vae.json").read_text())
-    assert "vae: 2 runs in 2 processes, 1 thread(s) each" in out["parallel"]
-    assert "processes" not in out["in turn"]
-    assert out["parallel record"]["device"].endswith("1 thread), 2 runs in parallel")
-    a, b = tmp_path / "parallel" / "results", tmp_path / "in_turn" / "results"
-    for seed in (0, 1):
-        for pct in (50, 100):
-            ca = torch.load(a / "checkpoints" / "vae" / f"seed{seed}-{pct}pct.pt", weights_only=True)
-            cb = torch.load(b / "checkpoints" / "vae" / f"seed{seed}-{pct}pct.pt", weights_only=True)
-            assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
-            untimed = lambda c: json.dumps({k: v for k, v in c["train"].items() if "sec" not in k})  # noqa: E731
-            assert untimed(ca) == untimed(cb)  # steps, images, FLOPs, final loss (NaN before a logged loss)
-        tsv = Path("live") / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv"
-        values = lambda d: [ln.split("\t")[1:] for ln in (d / tsv).read_text().splitlines()]  # noqa: E731
-        assert values(a) == values(b)  # step and loss (not the timestamp)
-    summary = json.loads((a / "live" / "vae" / "metrics.json").read_text())
-    assert summary == json.loads((b / "live" / "vae" / "metrics.json").read_text())
-    assert set(summary) == {"seed0", "seed1"} and not list((a / "resume" / "vae").glob("*.live*"))
 
 
 def _copy_repo(dst: Path) -> None:

@@ -147,8 +147,13 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         return self.posterior_mean(self.x0_hat(out, x_t, t), x_t, t), logvar
 
     def x0_hat(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's x_0 estimate from its (mean) output, clipped to [-1, 1] if `clip_x0`."""
-        x0 = self.x0_from_output(out, x_t, self._bcast(self.alpha_bar, t))
+        """The model's x_0 estimate from its (mean) output at integer time t (see `x0_at`)."""
+        return self.x0_at(out, x_t, self._bcast(self.alpha_bar, t))
+
+    def x0_at(self, out: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+        """The x_0 estimate at alpha_bar `ab`, clipped to [-1, 1] if `clip_x0`: the one place
+        the clipping happens (the VLB, ancestral sampling, the solvers and the ODE use it)."""
+        x0 = self.x0_from_output(out, x, ab)
         return x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -341,10 +346,9 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         return self.x0_eps(self.denoise(x, t)[:, : self.shape[0]], x, self._bcast(self.alpha_bar, t))
 
     def x0_eps(self, out: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) from the network's (mean) output at alpha_bar `ab`: x0_hat clipped to
-        [-1, 1] if `clip_x0`, eps_hat re-derived from it (what the samplers and the ODE use)."""
-        x0 = self.x0_from_output(out, x, ab)
-        x0 = x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
+        """(x0_hat, eps_hat) from the network's (mean) output at alpha_bar `ab`: `x0_at`, and
+        eps_hat re-derived from it (what the samplers and the ODE use)."""
+        x0 = self.x0_at(out, x, ab)
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     # ancestral sampling on a subsequence of the times (Nichol & Dhariwal 2021, sec. 4)

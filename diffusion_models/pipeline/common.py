@@ -150,29 +150,3 @@ def load_model(cfg: Config, name: str, dev: torch.device, path: str | Path) -> m
 def write_record(path: Path, record: dict[str, Any]) -> None:
     record["stage_seconds"] = stage_seconds()
     write_json(path, record)
-
-
-def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -> tuple[int, int]:
-    """(worker processes, intra-op threads each) for `n_runs` independent runs. On a CPU, all
-    the runs at once (up to two per core), sharing the cores' threads; on the 2-core development
-    machine that measured 0.92-1.13x the speed of the same runs in turn (benchmarks,
-    test_parallel_runs; README, "Performance"). On a GPU or under torchrun: the runs in turn."""
-    cores = torch.get_num_threads()  # after setup_torch: train.threads, or the library default (the cores)
-    if dev.type != "cpu" or world > 1 or n_runs < 2:
-        return 1, cfg.train.threads
-    workers = min(n_runs, cfg.train.workers or 2 * cores)
-    return (workers, max(1, cores // workers)) if workers > 1 else (1, cfg.train.threads)
-
-
-def in_workers(fn: Any, jobs: list[tuple[Any, ...]], workers: int, threads: int) -> list[Any]:
-    """fn(*job, threads=threads) for every job: in this process when `workers` is 1, else in
-    that many spawned processes (results in job order; the first error is raised here, and
-    whatever the other jobs finished stays on disk)."""
-    if workers == 1:
-        return [fn(*job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *job, threads=threads) for job in jobs]
-        return [f.result() for f in futures]

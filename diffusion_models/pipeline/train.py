@@ -20,8 +20,7 @@ from ..runtime import device_label, read_json, seed_everything, versions, write_
 from ..train import Resume, run_key, snapshot_steps
 from ..train import train as fit
 from .common import (CHECKPOINTS, LIVE, METRICS, PREPARED, RESUME, TRAIN_RECORDS, TRAIN_SOURCES, checkpoint_path,
-                     code_digest, in_workers, model_overrides, parallel_runs, run_seeds, setup_torch, split,
-                     to_tensor, write_record)
+                     code_digest, model_overrides, run_seeds, setup_torch, split, to_tensor, write_record)
 
 
 def prepare(cfg: Config) -> None:
@@ -96,104 +95,11 @@ def _clean(name: str, wanted: set[Path], seeds: list[int], metrics_dir: Path) ->
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-class _RunLive:
-    """DVCLive for one run: its curve goes to the model's shared plots folder (metric names
-    carry the seed), its summary to a file of its own (the stage merges them), so runs in
-    parallel processes never write the same file."""
-
-    def __new__(cls, name: str, seed: int):
-        from dvclive import Live
-
-        class RunLive(Live):
-            @property
-            def metrics_file(self) -> str:
-                return str(RESUME / name / f"seed{seed}.live.json")
-
-            @property
-            def params_file(self) -> str:
-                return str(RESUME / name / f"seed{seed}.live-params.yaml")
-
-        (RESUME / name).mkdir(parents=True, exist_ok=True)
-        return RunLive(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
-
-
-def _train_run(cfg: Config, name: str, seed: int, device: str, rank: int = 0, world: int = 1,
-               threads: int = 0) -> tuple[int, dict[float, Any], bool]:
-    """One training run (seed `seed`) with its budget-sweep checkpoints: kept from an earlier
-    identical run, resumed from its saved state, or trained. Runs in a worker process of its
-    own when the stage trains runs in parallel (then with `threads` intra-op threads).
-    Returns (seed, fraction -> training result, whether it trained)."""
-    if threads:
-        torch.set_num_threads(threads)
-    dev = torch.device(device)
-    overrides = model_overrides(cfg, name)
-    train_ds = split(cfg, "train")
-    images, val = to_tensor(train_ds, dev), to_tensor(split(cfg, "val"), dev)
-    code = code_digest(name, TRAIN_SOURCES)
-    tcfg = dataclasses.replace(cfg.train, seed=seed)
-    seed_everything(seed)
-    model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)
-    trainable = any(p.requires_grad for p in model.parameters())
-    fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
-    key = run_key(model, images, tcfg, code, processes=world)
-    resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
-                "model": dataclasses.asdict(model.cfg)}
-    done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
-    if world == 1 and len(done) == len(fractions):
-        print(f"{name} seed {seed}: kept from an earlier identical run", flush=True)
-        return seed, done, False
-    metrics_dir = LIVE / name / "plots" / "metrics"
-    steps = snapshot_steps(tcfg, fractions)
-    resume = Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key) if world == 1 else None
-    resuming = _prepare_resume(resume, steps, done, metrics_dir / f"seed{seed}")
-    if rank == 0 and not resuming:
-        shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
-    with _RunLive(name, seed) if rank == 0 else contextlib.nullcontext() as live:
-
-        def log(step: int, seen: int, point: dict[str, float]) -> None:
-            live.step = step
-            for k, v in point.items():
-                live.log_metric(f"seed{seed}/{k}", v)
-            live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
-            live.next_step()
-
-        def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
-            """This run's checkpoint at a budget fraction (rank 0 writes it)."""
-            done[fraction] = result.as_dict()
-            if rank == 0:
-                models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
-                            resolved=resolved, train=result.as_dict(), run_key=key)
-
-        result = fit(model, images, tcfg, log=log if live is not None else None, progress=rank == 0,
-                     resume=resume, validate=lambda m: validation_bound(m, val, cfg.train.val_t_samples),
-                     snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
-        save(1.0, result)
-    print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
-          f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}", flush=True)
-    return seed, done, True
-
-
-def _merge_live_summaries(name: str, seeds: list[int]) -> None:
-    """The model's DVCLive summary (metrics.json): each run's latest values under its seed,
-    from the runs' own summaries (runs kept from earlier keep theirs)."""
-    path = LIVE / name / "metrics.json"
-    summary = read_json(path) if path.is_file() else {}
-    summary = {k: v for k, v in summary.items() if k in {f"seed{s}" for s in seeds}}
-    for seed in seeds:
-        run = RESUME / name / f"seed{seed}.live.json"
-        if run.is_file():
-            summary[f"seed{seed}"] = read_json(run).get(f"seed{seed}", summary.get(f"seed{seed}"))
-            run.unlink()
-        (RESUME / name / f"seed{seed}.live-params.yaml").unlink(missing_ok=True)
-    write_json(path, {k: summary[k] for k in sorted(summary)})
-
-
 def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     """Train one run per seed, keeping checkpoints at the budget sweep's fractions. A run whose
     checkpoints are all present from an earlier, identical run (same model, training config,
     seed, data and code) is kept, so a stage killed mid-way loses nothing already trained;
-    when every run is kept and the record would not change, nothing is rewritten. On a CPU
-    the runs train side by side, one process per core (`parallel_runs`)."""
+    when every run is kept and the record would not change, nothing is rewritten."""
     from dvclive import Live
 
     overrides = model_overrides(cfg, name)
@@ -203,41 +109,74 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     rank, world = _init_distributed(dev)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    images = to_tensor(train_ds, dev)
+    val = to_tensor(split(cfg, "val"), dev)
+    build = lambda: models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)  # noqa: E731
     seeds, code = run_seeds(cfg), code_digest(name, TRAIN_SOURCES)
-    probe = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
+    probe = build()
     trainable = any(p.requires_grad for p in probe.parameters())
     fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
-    workers, threads = parallel_runs(cfg, len(seeds), dev, world) if trainable else (1, cfg.train.threads)
+    metrics_dir = LIVE / name / "plots" / "metrics"
     if rank == 0:
-        _clean(name, {checkpoint_path(name, s, f) for s in seeds for f in fractions}, seeds,
-               LIVE / name / "plots" / "metrics")
-        with Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True) as live:
+        _clean(name, {checkpoint_path(name, s, f) for s in seeds for f in fractions}, seeds, metrics_dir)
+    live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
+                if rank == 0 else contextlib.nullcontext())
+    runs, trained = [], False
+    with live_ctx as live:
+        if live is not None:
             live.log_params({"model": name, "seeds": seeds, "fractions": fractions,
                              "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
                              "model_config": dataclasses.asdict(probe.cfg)})
-        if workers > 1:
-            print(f"{name}: {len(seeds)} runs in {workers} processes, {threads} thread(s) each", flush=True)
-    try:
-        results = in_workers(_train_run, [(cfg, name, s, str(dev), rank, world) for s in seeds], workers, threads)
-    finally:
-        if rank == 0:
-            _merge_live_summaries(name, seeds)
+        for seed in seeds:
+            tcfg = dataclasses.replace(cfg.train, seed=seed)
+            seed_everything(seed)
+            model = build()
+            key = run_key(model, images, tcfg, code, processes=world)
+            resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
+                        "model": dataclasses.asdict(model.cfg)}
+            done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
+            if world == 1 and len(done) == len(fractions):
+                print(f"{name} seed {seed}: kept from an earlier identical run")
+            else:
+                trained = True
+                steps = snapshot_steps(tcfg, fractions)
+                resume = (Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key)
+                          if world == 1 else None)
+                resuming = _prepare_resume(resume, steps, done, metrics_dir / f"seed{seed}")
+                if rank == 0 and not resuming:
+                    shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
+
+                def log(step: int, seen: int, point: dict[str, float]) -> None:
+                    live.step = step
+                    for k, v in point.items():
+                        live.log_metric(f"seed{seed}/{k}", v)
+                    live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
+                    live.next_step()
+
+                def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
+                    """This run's checkpoint at a budget fraction (rank 0 writes it)."""
+                    done[fraction] = result.as_dict()
+                    if rank == 0:
+                        models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
+                                    resolved=resolved, train=result.as_dict(), run_key=key)
+
+                result = fit(model, images, tcfg, log=log if live is not None else None, progress=rank == 0,
+                             resume=resume, validate=lambda m: validation_bound(m, val, cfg.train.val_t_samples),
+                             snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
+                save(1.0, result)
+                print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
+                      f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
+            runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **done[f]}
+                     for f in fractions]
     if rank != 0:  # rank 0 writes the outputs
         return {}
-    trained = any(t for _, _, t in results)
-    runs = [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **done[f]}
-            for seed, done, _ in results for f in fractions]
-    tcfg = dataclasses.asdict(cfg.train)
     record = {
-        "model": name, "family": probe.family, "params": probe.num_params(),
+        "model": name, "family": model.family, "params": model.num_params(),
         "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
         "n_train": meta["n_train"], "n_val": meta["n_val"], "n_test": meta["n_test"],
         "budget_images": cfg.train.images, "batch_size": cfg.train.batch_size, "seeds": seeds,
-        "fractions": fractions, "processes": world,
-        "device": device_label(dev) if workers == 1 else f"{device_label(dev, threads)}, {workers} runs in parallel",
-        "versions": versions(),
-        "config": {"data": dataclasses.asdict(cfg.data), "train": tcfg, "model": dataclasses.asdict(probe.cfg)},
-        "code_sha1": code, "runs": runs,
+        "fractions": fractions, "processes": world, "device": device_label(dev), "versions": versions(),
+        "config": {**resolved, "train": dataclasses.asdict(cfg.train)}, "code_sha1": code, "runs": runs,
     }
     path = TRAIN_RECORDS / f"{name}.json"
     if not trained and path.is_file():
