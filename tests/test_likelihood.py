@@ -92,3 +92,25 @@ def test_gaussian_bins_sum_to_one_and_match_scipy(levels):
     lo = np.where(xs.numpy() == 0, 0.0, stats.norm.cdf(c - 1 / (levels - 1), m, sd))
     ok = up - lo > 1e-9
     np.testing.assert_allclose(lp.double().numpy()[ok], np.log((up - lo)[ok]), rtol=1e-3, atol=1e-4)
+
+
+def test_categorical_sampling_matches_probabilities():
+    """sample_categorical's frequencies against the softmax of its logits (a chi-square test
+    per row), with an impossible (-inf) and a negligible (below exp(-80)) category never drawn."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.01, 0.01, 0.97, 0.01], [0.25, 0.25, 0.25, 0.25]])
+    logits = probs.log() + 3.0  # unnormalised
+    logits[1, 3] = logits[1, 2] - 90.0  # negligible: drawn with probability 0
+    expected = torch.softmax(logits.double(), -1)
+    expected[1, 3] = 0.0
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    draws = lk.sample_categorical(logits[:, None, :].expand(3, n, 4), g)  # [3, n]
+    assert draws.dtype == torch.long and draws.shape == (3, n)
+    for row in range(3):
+        counts = torch.bincount(draws[row], minlength=4).double()
+        keep = expected[row] > 0
+        assert counts[~keep].sum() == 0
+        chi2 = (((counts - n * expected[row]) ** 2 / (n * expected[row]))[keep]).sum().item()
+        assert stats.chi2.sf(chi2, int(keep.sum()) - 1) > 1e-4
+    again = lk.sample_categorical(logits[:, None, :].expand(3, n, 4), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)

@@ -98,11 +98,12 @@ def test_exact_likelihood_sums_to_one_over_all_images(shape, levels):
 
 
 def sequential_sample(m, n, generator):
-    """The definition: x_d ~ p(x_d | x_<d) in the model's order, one categorical draw each."""
+    """The definition: x_d ~ p(x_d | x_<d) in the model's order, one categorical draw each
+    (lk.sample_categorical, tested against exact probabilities in test_likelihood)."""
     x = torch.zeros(n, *m.shape, dtype=torch.long)
     for c, i, j in order(m.shape):
-        probs = F.softmax(m.net(lk.to_unit(x, m.levels)), dim=2)[:, c, :, i, j]  # [n, L]
-        x[:, c, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        logp = F.log_softmax(m.net(lk.to_unit(x, m.levels)), dim=2)[:, c, :, i, j]  # [n, L], full image
+        x[:, c, i, j] = lk.sample_categorical(logp, generator)
     return x
 
 

@@ -57,18 +57,41 @@ def test_gamma_strictly_increasing_with_exact_endpoints():
     assert g[0].item() == pytest.approx(-7.5, abs=1e-5) and g[-1].item() == pytest.approx(6.25, abs=1e-5)
 
 
-def test_gamma_derivative_matches_finite_difference():
+def _curved_schedule():
     s = models.build("vdm", shape=(1, 8, 8), levels=17).gamma.double()
     with torch.no_grad():
         s.w2.mul_(4)
         s.w3.add_(2.0)  # a clearly non-linear schedule
+    return s
+
+
+def test_gamma_derivative_matches_finite_difference():
+    s = _curved_schedule()
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.double)
-    _, dgamma = s.with_grad(t, create_graph=False)
+    _, dgamma = s.with_derivative(t)
     h = 1e-5
     with torch.no_grad():
         fd = (s(t + h) - s(t - h)) / (2 * h)
     assert torch.allclose(dgamma, fd, rtol=1e-6, atol=1e-6)
     assert dgamma.std() > 0.05 * dgamma.mean()  # non-linear indeed
+
+
+def test_gamma_derivative_and_its_parameter_gradients_match_autograd():
+    """The closed-form gamma'(t) against autograd's d gamma / dt, and the gradients a loss in
+    gamma'(t) sends to the schedule's parameters against double backward (create_graph)."""
+    s = _curved_schedule()
+    t = torch.rand(40, dtype=torch.double)
+    w = torch.randn(40, dtype=torch.double)
+    gamma, dgamma = s.with_derivative(t)
+    tt = t.clone().requires_grad_(True)
+    ref_gamma = s(tt)
+    (ref_dgamma,) = torch.autograd.grad(ref_gamma.sum(), tt, create_graph=True)
+    assert torch.allclose(gamma, ref_gamma) and torch.allclose(dgamma, ref_dgamma, rtol=1e-12)
+    params = list(s.parameters())
+    got = torch.autograd.grad((w * gamma).sum() + (dgamma**2 * w).sum(), params)
+    ref = torch.autograd.grad((w * ref_gamma).sum() + (ref_dgamma**2 * w).sum(), params)
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_decoder_is_a_normalized_categorical_and_prior_kl_matches_torch():

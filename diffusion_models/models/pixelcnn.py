@@ -171,6 +171,5 @@ class PixelCNN(Model):
             for j in range(w):
                 for ch in range(c):  # raster order, then R, G, B within the pixel
                     logits = self.net(lk.to_unit(x[:, :, lo:i + 1], self.levels))[:, ch, :, -1, j]  # [n, L]
-                    probs = F.softmax(logits, dim=1)
-                    x[:, ch, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                    x[:, ch, i, j] = lk.sample_categorical(logits, generator)
         return x

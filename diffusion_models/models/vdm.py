@@ -38,22 +38,22 @@ class NoiseSchedule(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(hidden))
         self.w3 = nn.Parameter(torch.full((hidden,), -2.0))  # small non-linear part at init
 
-    def _unscaled(self, t: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(F.softplus(self.w2) * (t[:, None] - 0.5) + self.b2)  # [N,H], increasing in t
-        return F.softplus(self.w1) * t + (h * F.softplus(self.w3)).mean(1)  # [N]
+    def _unscaled(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unrescaled schedule g(t) [N] and its derivative g'(t) [N], in closed form."""
+        a1, a2, a3 = F.softplus(self.w1), F.softplus(self.w2), F.softplus(self.w3)
+        h = torch.tanh(a2 * (t[:, None] - 0.5) + self.b2)  # [N,H], increasing in t
+        return a1 * t + (h * a3).mean(1), a1 + ((1 - h * h) * a2 * a3).mean(1)
+
+    def with_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gamma(t) [N] and gamma'(t) [N], both differentiable in the parameters: the derivative
+        in closed form (no double backward through autograd.grad, so the training step traces
+        for torch.compile; tests check it against autograd and finite differences)."""
+        g, dg = self._unscaled(torch.cat([t.reshape(-1), t.new_tensor([0.0, 1.0])]))
+        scale = (self.gamma_max - self.gamma_min) / (g[-1] - g[-2])
+        return self.gamma_min + scale * (g[:-2] - g[-2]), scale * dg[:-2]
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        g = self._unscaled(torch.cat([t.reshape(-1), t.new_tensor([0.0, 1.0])]))
-        g, g0, g1 = g[:-2], g[-2], g[-1]
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * (g - g0) / (g1 - g0)  # [N]
-
-    def with_grad(self, t: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """gamma(t) [N] and gamma'(t) [N] (autograd; a graph through gamma' only if create_graph)."""
-        with torch.enable_grad():
-            t = t.detach().requires_grad_(True) * 1.0  # a non-leaf (FlopCounterMode's hooks reject leaves)
-            gamma = self(t)
-            (dgamma,) = torch.autograd.grad(gamma.sum(), t, create_graph=create_graph)
-        return (gamma, dgamma) if create_graph else (gamma.detach(), dgamma.detach())
+        return self.with_derivative(t)[0]  # [N]
 
 
 @register("vdm")
@@ -96,10 +96,9 @@ class VDM(ode.ProbabilityFlow, Model):
         zero = torch.zeros((), device=x.device)
         return lk.normal_kl(torch.sqrt(torch.sigmoid(-g1)) * x, F.logsigmoid(g1), zero, zero).flatten(1).sum(1)
 
-    def _diffusion_term(self, x: torch.Tensor, t: torch.Tensor, eps_fn: EpsFn | None = None,
-                        create_graph: bool = False) -> torch.Tensor:
+    def _diffusion_term(self, x: torch.Tensor, t: torch.Tensor, eps_fn: EpsFn | None = None) -> torch.Tensor:
         """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2: one t per example; x float [N,C,H,W], t [N] -> [N]."""
-        gamma, dgamma = self.gamma.with_grad(t, create_graph)  # [N], [N]
+        gamma, dgamma = self.gamma.with_derivative(t)  # [N], [N]
         g = gamma[:, None, None, None]
         eps = torch.randn_like(x)
         z = torch.sqrt(torch.sigmoid(-g)) * x + torch.sqrt(torch.sigmoid(g)) * eps  # z_t
@@ -108,9 +107,12 @@ class VDM(ode.ProbabilityFlow, Model):
 
     def _decoder_logits(self, z0: torch.Tensor) -> torch.Tensor:
         """log p(x_i = k | z_0) for all L levels, normalized over k: [B,C,H,W,L]."""
+        return torch.log_softmax(self._decoder_energy(z0), -1)
+
+    def _decoder_energy(self, z0: torch.Tensor) -> torch.Tensor:
+        """The decoder's unnormalised log-probabilities of the L levels: [B,C,H,W,L]."""
         g0 = self.gamma.gamma_min
-        logits = -0.5 * (z0[..., None] / torch.sqrt(torch.sigmoid(-g0)) - self.centres) ** 2 * torch.exp(-g0)
-        return torch.log_softmax(logits, -1)
+        return -0.5 * (z0[..., None] / torch.sqrt(torch.sigmoid(-g0)) - self.centres) ** 2 * torch.exp(-g0)
 
     def _reconstruction_term(self, x: torch.Tensor) -> torch.Tensor:
         """-log p(x | z_0), z_0 ~ q(z_0|x) (one draw): [B]; x integer [B,C,H,W]."""
@@ -127,7 +129,7 @@ class VDM(ode.ProbabilityFlow, Model):
         t = (torch.rand((), device=x.device) + torch.arange(b, device=x.device) / b) % 1.0  # antithetic
         xu = lk.to_unit(x, self.levels)
         vlb = (self._prior_term(xu) + self._reconstruction_term(x)
-               + self._diffusion_term(xu, t, create_graph=torch.is_grad_enabled()))
+               + self._diffusion_term(xu, t))
         return vlb.mean() / self.dims
 
     @torch.no_grad()
@@ -207,8 +209,7 @@ class VDM(ode.ProbabilityFlow, Model):
         return (z - torch.sqrt(torch.sigmoid(g)) * eps) / torch.sqrt(torch.sigmoid(-g)), eps
 
     def _decode(self, z0: torch.Tensor, generator) -> torch.Tensor:
-        probs = self._decoder_logits(z0).exp().reshape(-1, self.levels)  # [n*D, L]
-        return torch.multinomial(probs, 1, generator=generator).view(len(z0), *self.shape)
+        return lk.sample_categorical(self._decoder_energy(z0), generator)
 
     @torch.no_grad()
     def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
