@@ -3,6 +3,7 @@
     make bench                                   # saves JSON under results/benchmarks/
     .venv/bin/pytest-benchmark compare --storage results/benchmarks 0001 0002
 """
+import math
 import statistics
 import time
 from pathlib import Path
@@ -136,13 +137,16 @@ def test_sampler_step(benchmark, name, sampler):
 _S = SampleConfig()
 HEADLINE = {"sampler": _S.sampler, "steps": _S.steps, "spacing": _S.spacing}  # the pipeline's headline sampler
 NETWORK_MODELS = [n for n in models.names() if _model(n).nfe_module() is not None]
+# hvae's NFE module is the decoder head that ends each top-down pass, not the pass itself, so
+# forward hooks on it cannot separate network time from loop time
+WHOLE_NETWORK_MODELS = [n for n in NETWORK_MODELS if n != "hvae"]
 
 
 def _sampler_kwargs(sampler):
     return {"sampler": sampler, "steps": HEADLINE["steps"], "spacing": HEADLINE["spacing"]} if sampler else {}
 
 
-@pytest.mark.parametrize("name, sampler", [(n, s) for n in NETWORK_MODELS
+@pytest.mark.parametrize("name, sampler", [(n, s) for n in WHOLE_NETWORK_MODELS
                                            for s in (("ddim", "dpm++2m") if n in SOLVER_MODELS else (None,))])
 def test_sampler_overhead(benchmark, name, sampler):
     """The sampler's loop overhead at batch 256: diffusion DDIM and DPM-Solver++ at the headline
@@ -288,3 +292,60 @@ def test_sampling_precision(benchmark, name, precision):
     if precision == "bf16" and check is not None:
         benchmark.extra_info.update(fid_delta=check["fid_diff"], fid_seed_std=check["fid_seed_std"],
                                     fid_within_seed_spread=bool(check["within_seed_spread"]))
+
+
+# ----------------------------------------------------------------------------- VLB estimators
+# Precision per unit of compute of the diffusion VLB's estimators, on the trained models the
+# pipeline left in results/ (a property of the trained network: an untrained one has another
+# profile over t). Needs `make repro` first; without its checkpoints the cases are skipped.
+ROOT = Path(__file__).resolve().parents[1]
+VLB_IMAGES, VLB_REPEATS = 64, 3
+VLB_ESTIMATORS = {  # label -> nll_terms keywords
+    "exact": {"t_samples": 0}, "log-10": {"t_samples": 10, "spacing": "log"},
+    "log-50": {"t_samples": 50, "spacing": "log"}, "uniform-50": {"t_samples": 50, "spacing": "uniform"},
+    "log-200": {"t_samples": 200, "spacing": "log"},
+}
+VDM_ESTIMATORS = {f"stratified-{k}": {"t_samples": k} for k in (10, 50, 200)}
+DIFFUSION = [n for n in models.names() if models.get(n).family == "diffusion"]
+
+
+@pytest.mark.parametrize("name, estimator", [(n, e) for n in DIFFUSION
+                                             for e in (VDM_ESTIMATORS if n == "vdm" else VLB_ESTIMATORS)])
+def test_vlb_estimator_precision(benchmark, name, estimator):
+    """One estimator of the VLB on the first 64 test images of the trained seed-0 model, three
+    times with different noise. extra_info: `estimator_var` (the variance of one image's
+    estimate over repeats, mean over images, (bits/dim)^2), `image_var` (the variance of the
+    bound across images: what the reported standard error is made of),
+    `network_evals_per_image` (counted by a hook on the network), `var_x_evals` (estimator
+    variance times cost: lower is more precision per FLOP), and `se_inflation` =
+    sqrt(1 + estimator_var / image_var), the factor by which the estimator's noise widens the
+    reported standard error over the test set."""
+    from diffusion_models import data
+
+    checkpoint, test = ROOT / "results" / "checkpoints" / name / "seed0-100pct.pt", ROOT / "data/prepared/test.npz"
+    if not (checkpoint.is_file() and test.is_file()):
+        pytest.skip(f"needs the pipeline's trained {name} ({checkpoint.relative_to(ROOT)}): run `make repro` first")
+    m, _ = models.load(checkpoint)
+    m.eval()
+    x = torch.from_numpy(data.load_prepared(test).images[:VLB_IMAGES].astype("int64"))
+    kwargs = {**(VDM_ESTIMATORS if name == "vdm" else VLB_ESTIMATORS)[estimator], "chunk": 4096}
+    rows = [0]
+    m.nfe_module().register_forward_hook(lambda mod, inp, out: rows.__setitem__(0, rows[0] + len(out)))
+    estimates = []
+
+    def once():
+        torch.manual_seed(len(estimates))
+        terms = m.nll_terms(x, **kwargs)
+        estimates.append(torch.stack(list(terms.values())).sum(0).double() / (m.dims * math.log(2)))
+
+    benchmark.pedantic(once, rounds=VLB_REPEATS, iterations=1)
+    if len(estimates) < 2:  # --benchmark-disable: one call, no variance
+        return
+    est = torch.stack(estimates)  # [repeats, images] bits/dim
+    estimator_var = est.var(0).mean().item()
+    image_var = est.mean(0).var().item()
+    evals = rows[0] / (len(estimates) * VLB_IMAGES)
+    benchmark.extra_info.update(estimator=estimator, bpd=est.mean().item(), estimator_var=estimator_var,
+                                image_var=image_var, network_evals_per_image=evals,
+                                var_x_evals=estimator_var * evals,
+                                se_inflation=math.sqrt(1 + estimator_var / image_var))

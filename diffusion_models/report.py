@@ -249,37 +249,40 @@ def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd
     return ok[["model", "seed", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
 
 
-PRECISION_COLUMNS = ["model", "sampler", "nfe", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std", "within_seed_spread",
+PRECISION_COLUMNS = ["model", "sampler", "nfe", "headline", "fid_fp32", "fid_bf16", "fid_diff", "fid_seed_std",
+                     "within_seed_spread",
                      "samples_per_sec_fp32", "samples_per_sec_bf16", "speedup"]
 
 
 def precision_check(sampling: pd.DataFrame, comparison: pd.DataFrame,
                     extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
-    """Per model with a network sampled in bf16: the headline setting in bf16 and in fp32 on the
-    same noise (first seed's final checkpoint), FID (against the training split) and samples/s of
-    each, and whether the FID moved by less than its spread over seeds (std of the headline FID)."""
+    """Per model with a network: the headline setting in its precision and, on the same noise
+    (first seed's final checkpoint), in the other one; FID (against the training split) and
+    samples/s of each in bf16 and fp32, which of them is the headline's (`headline`), and whether
+    the FID moved by less than its spread over seeds (std of the headline FID)."""
     g = grid_rows(sampling)
     g = g[(g["extractor"] == extractor) & (g["reference"] == "train") & (g["status"] == "ok")]
     spread = comparison.set_index("model")["fid_std"]
     rows = []
     for model, m in g.groupby("model", sort=False):
         head = m[m["headline"].astype(bool)]
-        if head.empty or head["dtype"].iloc[0] != "bf16":
+        if head.empty or head["dtype"].iloc[0] not in ("bf16", "fp32"):
             continue
         h = head.iloc[0]
-        twin = m[~m["headline"].astype(bool) & (m["dtype"] == "fp32") & (m["sampler_name"] == h["sampler_name"])
+        other = "fp32" if h["dtype"] == "bf16" else "bf16"
+        twin = m[~m["headline"].astype(bool) & (m["dtype"] == other) & (m["sampler_name"] == h["sampler_name"])
                  & (m["nfe"] == h["nfe"])]
         if twin.empty:
             continue
-        f = twin.iloc[0]
-        diff = h["fid"] - f["fid"]
+        b, f = (h, twin.iloc[0]) if other == "fp32" else (twin.iloc[0], h)
+        diff = b["fid"] - f["fid"]
         rows.append({"model": model, "sampler": f["sampler"].removesuffix(", fp32"), "nfe": h["nfe"],
-                     "fid_fp32": f["fid"], "fid_bf16": h["fid"], "fid_diff": diff,
+                     "headline": h["dtype"], "fid_fp32": f["fid"], "fid_bf16": b["fid"], "fid_diff": diff,
                      "fid_seed_std": spread.get(model, float("nan")),
                      "within_seed_spread": bool(abs(diff) < spread.get(model, float("nan"))),
                      "samples_per_sec_fp32": f["samples_per_sec"],
-                     "samples_per_sec_bf16": h["samples_per_sec"],
-                     "speedup": h["samples_per_sec"] / f["samples_per_sec"]})
+                     "samples_per_sec_bf16": b["samples_per_sec"],
+                     "speedup": b["samples_per_sec"] / f["samples_per_sec"]})
     return pd.DataFrame(rows, columns=PRECISION_COLUMNS)
 
 
@@ -494,9 +497,11 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         pc["speedup"] = pc["speedup"].map(lambda v: _fmt(v, ".2f"))
         lines += ["## Sampling precision: the headline sampler in bf16 against fp32 (first seed's final "
                   "checkpoint, the same noise)", "",
-                  "The tables above sample with the network under bfloat16 autocast (`sample.precision`). "
-                  "`fid_diff` = FID(bf16) − FID(fp32); `within_seed_spread`: |fid_diff| is below the standard "
-                  "deviation of the headline FID over seeds. Speeds as in the grid (one run, side by side).", "",
+                  "The tables above sample with the network in the precision of the `headline` column "
+                  "(`sample.precision`; `auto`: bf16 on CUDA and on a CPU whose bf16 matmul is at least 1.5x "
+                  "its fp32 one). `fid_diff` = FID(bf16) − FID(fp32); `within_seed_spread`: |fid_diff| is "
+                  "below the standard deviation of the headline FID over seeds; `speedup`: bf16 samples/s over "
+                  "fp32's. Speeds as in the grid (one run, side by side).", "",
                   pc.to_markdown(index=False, disable_numparse=True), ""]
     if significance is not None and len(significance):
         sig = significance.copy()

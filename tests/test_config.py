@@ -73,5 +73,5 @@ def test_load_params_errors_name_the_file(tmp_path):
 
 
 def test_sampling_precision_checked():
-    with pytest.raises(ConfigError, match="sample.precision must be 'fp32' or 'bf16'"):
+    with pytest.raises(ConfigError, match="sample.precision must be 'fp32', 'bf16' or 'auto'"):
         parse({"sample": {"precision": "fp16"}})

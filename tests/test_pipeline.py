@@ -21,7 +21,7 @@ TINY = {
     "features": {"inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
                "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]},
-               "ode_tolerances": [1e-2]},
+               "ode_tolerances": [1e-2], "precision": "bf16"},  # bf16 on every machine (auto: per machine)
     "compare": {"allow_unmatched": True},  # tiny models of different sizes
     "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
@@ -138,6 +138,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     twin = grid.loc["dpm++2m, 4 steps, trailing spacing, fp32"]
     check = pd.read_csv(results / "precision_check.csv").set_index("model")
     assert list(check.index) == ["vae", "ddpm"]  # the models with a network (not the baseline)
+    assert (check["headline"] == "bf16").all()
     assert check.loc["ddpm", "fid_fp32"] == pytest.approx(twin["fid"], rel=1e-12)
     assert check.loc["ddpm", "fid_diff"] == pytest.approx(
         grid.loc["dpm++2m, 4 steps, trailing spacing, bf16", "fid"] - twin["fid"], rel=1e-9)

@@ -383,3 +383,19 @@ def test_a_sampler_a_model_cannot_honour_is_a_clear_error(name, kwargs, message)
     m = models.build(name, shape=(1, 4, 4), levels=17, **({"T": 40} if name == "ddpm" else {}))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+").replace("[", r"\[")):
         m.sample(2, **kwargs)
+
+
+def test_auto_precision_follows_the_measured_bf16_matmul_speed(monkeypatch):
+    """sample.precision auto: bf16 where bf16 matmul measures >= 1.5x fp32 (the threshold
+    included), fp32 below it; fp32 and bf16 are taken as given, without measuring."""
+    from diffusion_models import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.sampling_precision("fp32", cpu) == ("fp32", None)
+    assert runtime.sampling_precision("bf16", cpu) == ("bf16", None)
+    for ratio, want in ((4.1, "bf16"), (1.5, "bf16"), (1.49, "fp32"), (0.5, "fp32")):
+        monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda device, r=ratio: r)
+        assert runtime.sampling_precision("auto", cpu) == (want, ratio)
+    monkeypatch.undo()
+    measured = runtime.bf16_matmul_speedup(cpu, n=128, repeats=2)
+    assert math.isfinite(measured) and measured > 0

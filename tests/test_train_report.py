@@ -140,7 +140,10 @@ def _records():
 
 
 def _tables():
-    trains, evals, samples = _records()
+    return _tables_of(*_records())
+
+
+def _tables_of(trains, evals, samples):
     tr, nll_runs, sampling = report.train_runs(trains), report.nll_runs(evals), report.sampling_runs(samples)
     runs = report.runs_table(tr, nll_runs, sampling)
     matched = report.check_matched(tr[tr["fraction"] == 1.0].to_dict("records"), 100, False)
@@ -276,3 +279,31 @@ def test_one_seed_reports_the_mean_alone():
                          sampling, report.provenance(trains, 100))
     assert "nan" not in md and "one seed" in md
     assert "nan" not in report.latex(one, "one seed")
+
+
+@pytest.mark.parametrize("headline", ["bf16", "fp32"])
+def test_precision_check_pairs_the_headline_with_its_twin_in_the_other_precision(headline):
+    """Whichever precision the headline ran in (`sample.precision` auto resolves per machine),
+    the check reports FID(bf16) - FID(fp32) and bf16's speed over fp32's, from the headline and
+    its twin on the same checkpoint."""
+    trains, evals, samples = _records()
+    other = "fp32" if headline == "bf16" else "bf16"
+    rec = next(s for s in samples if s["model"] == "vae")
+    first = [p for p in rec["points"] if p["seed"] == SEEDS[0] and p["fraction"] == 1.0]
+    head = next(p for p in first if p["headline"])
+    head["precision"] = headline
+    twin = {**head, "headline": False, "precision": other, "samples_per_sec": 3 * head["samples_per_sec"],
+            "metrics": [{**m, "fid": m.get("fid", 0.0) + 0.25} if m["status"] == "ok" else m for m in head["metrics"]]}
+    rec["points"].insert(rec["points"].index(head) + 1, twin)
+    _, _, _, sampling, comp = _tables_of(trains, evals, samples)
+    check = report.precision_check(sampling, comp).set_index("model")
+    assert list(check.index) == ["vae"]
+    row = check.loc["vae"]
+    h_fid = head["metrics"][0]["fid"]
+    fid = {headline: h_fid, other: h_fid + 0.25}
+    speed = {headline: head["samples_per_sec"], other: 3 * head["samples_per_sec"]}
+    assert row["headline"] == headline
+    assert row["fid_bf16"] == pytest.approx(fid["bf16"]) and row["fid_fp32"] == pytest.approx(fid["fp32"])
+    assert row["fid_diff"] == pytest.approx(fid["bf16"] - fid["fp32"])
+    assert row["speedup"] == pytest.approx(speed["bf16"] / speed["fp32"])
+    assert row["fid_seed_std"] == pytest.approx(comp.set_index("model").loc["vae", "fid_std"])

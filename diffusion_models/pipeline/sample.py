@@ -12,7 +12,7 @@ from .. import data, models, quality
 from ..config import Config
 from ..evaluate import draw_samples
 from ..memorisation import memorisation
-from ..runtime import device_label, versions, write_json
+from ..runtime import device_label, sampling_precision, versions, write_json
 from .common import (GRIDS, METRICS, PREPARED, RUN_FIELDS, SAMPLE_RECORDS, SAMPLE_SOURCES, REFERENCE_CACHE,
                      StageError, code_digest, file_sha1, load_model, setup_torch, split, train_record, unchanged,
                      write_record)
@@ -32,11 +32,13 @@ def _ode_kwargs(tol: float) -> dict[str, Any]:
     return {"sampler": "ode", "steps": None, "rtol": tol, "atol": tol}
 
 
-def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def sampler_points(cfg: Config, model: models.Model, precision: str = "fp32",
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
     own default when it has no such sampler), and the grid's settings the model supports, the
     headline first (kwargs for `draw_samples`: `Model.sample`'s and, for models with a network,
-    its `precision`; with bf16 the headline's fp32 twin comes second)."""
+    its `precision`, the resolved `sample.precision`; the headline's twin in the other precision
+    comes second: the precision check)."""
     from ..samplers import SOLVERS
 
     known = ("ancestral", *SOLVERS)  # `ode` is not a grid key: sample.ode_tolerances
@@ -54,10 +56,10 @@ def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], li
         grid += [_ode_kwargs(tol) for tol in cfg.sample.ode_tolerances]
     if model.nfe_module() is None:  # no network: nothing runs in a precision
         return headline, grid
-    # the network in sample.precision, but the adaptive ODE solver's error control in fp32
-    grid = [{**kw, "precision": "fp32" if kw.get("sampler") == "ode" else cfg.sample.precision} for kw in grid]
-    if cfg.sample.precision != "fp32":  # the check: the headline setting in fp32, beside it
-        grid.insert(1, {**grid[0], "precision": "fp32"})
+    # the network in `precision`, but the adaptive ODE solver's error control in fp32
+    grid = [{**kw, "precision": "fp32" if kw.get("sampler") == "ode" else precision} for kw in grid]
+    other = "fp32" if precision == "bf16" else "bf16"  # the check: the headline in the other precision
+    grid.insert(1, {**grid[0], "precision": other})
     return grid[0], grid
 
 
@@ -104,6 +106,9 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     if unchanged(path, inputs):
         print(f"sample {name}: checkpoints, references, settings and code unchanged; record kept")
         return {}
+    precision, bf16_speedup = sampling_precision(s.precision, dev)
+    print(f"sample {name}: the network in {precision} (sample.precision={s.precision}"
+          + (f"; bf16 matmul {bf16_speedup:.2f}x fp32 here" if bf16_speedup is not None else "") + ")", flush=True)
     refs = {r: images_of(cfg, r) for r in REFERENCES}
     memorised = _Memorisation(cfg, spaces[quality.CLASSIFIER][0])
     tm_fid = {e: quality.torchmetrics_fid_against(refs["train"], extractor=e, weights=p, device=dev)
@@ -111,7 +116,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     results = []
     for run in runs:
         model = load_model(cfg, name, dev, run["checkpoint"])
-        headline, grid = sampler_points(cfg, model)
+        headline, grid = sampler_points(cfg, model, precision)
         first = run["seed"] == runs[0]["seed"] and run["fraction"] == 1.0
         for kw in grid if first else [headline]:
             gen = torch.Generator(device=dev).manual_seed(s.seed + run["seed"])
@@ -151,7 +156,9 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                       if main["status"] == "ok" else main["status"]), flush=True)
     record = {"model": name, "dataset": cfg.data.name, "n_samples": n,
               "references": {r: f"{r} split ({len(refs[r])} images)" for r in REFERENCES}, "points": results,
-              "device": device_label(dev), "sample_config": dataclasses.asdict(s), "versions": versions(),
+              "device": device_label(dev), "sample_config": dataclasses.asdict(s),
+              "precision": {"setting": s.precision, "resolved": precision, "bf16_matmul_speedup": bf16_speedup},
+              "versions": versions(),
               "inputs": inputs}
     write_record(path, record)
     final = [p for p in results if p["headline"] and p["fraction"] == 1.0]
