@@ -13,6 +13,7 @@ import torch
 
 from diffusion_models import models
 from diffusion_models.config import EvalConfig, SampleConfig, TrainConfig
+from diffusion_models.runtime import matmul_flops
 from diffusion_models.train import clip_gradients, make_optimizer, measure_flops
 
 SHAPE, LEVELS = (1, 8, 8), 17
@@ -30,25 +31,11 @@ def _model(name):
 TRAINABLE = [n for n in models.names() if any(p.requires_grad for p in _model(n).parameters())]
 
 
-def _median_seconds(fn, repeats=5):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @pytest.fixture(scope="session")
 def peak():
-    """This machine's matmul peak (FLOP/s), fp32 and bf16, measured now: 2048^2 GEMMs."""
-    n = 2048
-    out = {}
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        out[label] = 2 * n**3 / _median_seconds(lambda: torch.mm(a, b))
-    return out
+    """This machine's matmul peak (FLOP/s), fp32 and bf16, measured now: the best of five 2048^2
+    GEMMs (runtime.matmul_flops, the measurement `sample.precision: auto` decides by)."""
+    return {label: matmul_flops(dtype, n=2048) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -73,25 +74,24 @@ def device_label(dev: torch.device) -> str:
 BF16_MIN_SPEEDUP = 1.5  # `auto` samples in bf16 where the bf16 matmul is at least this much faster
 
 
-def bf16_matmul_speedup(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
-    """This device's bf16 matmul rate over its fp32 rate (best of `repeats` n x n GEMMs each):
-    4.1x on the AMD EPYC development machine (AVX-512 bf16), 0.5x on an Intel Xeon whose bf16
-    runs without AMX; far from 1 on both, so the choice `auto` makes from it is stable."""
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        times = []
-        for _ in range(repeats + 1):  # the first is the warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        best[dtype] = min(times[1:])
-    return best[torch.float32] / best[torch.bfloat16]
+def matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's matmul rate in `dtype` (FLOP/s): the best of `repeats` n x n GEMMs after one
+    warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bf16_matmul_speedup() -> float:
+    """This CPU's bf16 matmul rate over its fp32 rate: 4.1x on the AMD EPYC development
+    machine (AVX-512 bf16), 0.6x on an Intel Xeon whose bf16 runs without AMX; far from 1 on
+    both, so the choice `auto` makes from it is stable."""
+    return matmul_flops(torch.bfloat16) / matmul_flops(torch.float32)
 
 
 def sampling_precision(setting: str, device: torch.device) -> tuple[str, float | None]:
@@ -102,7 +102,7 @@ def sampling_precision(setting: str, device: torch.device) -> tuple[str, float |
         return setting, None
     if device.type == "cuda":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), None
-    ratio = bf16_matmul_speedup(device)
+    ratio = bf16_matmul_speedup()
     return ("bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"), ratio
 
 

@@ -38,22 +38,26 @@ class NoiseSchedule(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(hidden))
         self.w3 = nn.Parameter(torch.full((hidden,), -2.0))  # small non-linear part at init
 
-    def _unscaled(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unrescaled schedule g(t) [N] and its derivative g'(t) [N], in closed form."""
+    def _unscaled(self, t: torch.Tensor, derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unrescaled schedule g(t) [N] and, if `derivative`, g'(t) [N] in closed form."""
         a1, a2, a3 = F.softplus(self.w1), F.softplus(self.w2), F.softplus(self.w3)
         h = torch.tanh(a2 * (t[:, None] - 0.5) + self.b2)  # [N,H], increasing in t
-        return a1 * t + (h * a3).mean(1), a1 + ((1 - h * h) * a2 * a3).mean(1)
+        g = a1 * t + (h * a3).mean(1)
+        return g, (a1 + ((1 - h * h) * a2 * a3).mean(1) if derivative else None)
+
+    def _rescaled(self, t: torch.Tensor, derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g, dg = self._unscaled(torch.cat([t.reshape(-1), t.new_tensor([0.0, 1.0])]), derivative)
+        scale = (self.gamma_max - self.gamma_min) / (g[-1] - g[-2])
+        return self.gamma_min + scale * (g[:-2] - g[-2]), (scale * dg[:-2] if derivative else None)
 
     def with_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gamma(t) [N] and gamma'(t) [N], both differentiable in the parameters: the derivative
         in closed form (no double backward through autograd.grad, so the training step traces
         for torch.compile; tests check it against autograd and finite differences)."""
-        g, dg = self._unscaled(torch.cat([t.reshape(-1), t.new_tensor([0.0, 1.0])]))
-        scale = (self.gamma_max - self.gamma_min) / (g[-1] - g[-2])
-        return self.gamma_min + scale * (g[:-2] - g[-2]), scale * dg[:-2]
+        return self._rescaled(t, derivative=True)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.with_derivative(t)[0]  # [N]
+        return self._rescaled(t, derivative=False)[0]  # [N]; the samplers' path: no derivative
 
 
 @register("vdm")
