@@ -7,13 +7,14 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from diffusion_models import models
 from diffusion_models.config import EvalConfig, SampleConfig, TrainConfig
-from diffusion_models.runtime import matmul_flops
+from diffusion_models.runtime import matmul_flops, retain_freed_memory
 from diffusion_models.train import clip_gradients, make_optimizer, measure_flops
 
 SHAPE, LEVELS = (1, 8, 8), 17
@@ -336,3 +337,80 @@ def test_vlb_estimator_precision(benchmark, name, estimator):
                                 image_var=image_var, network_evals_per_image=evals,
                                 var_x_evals=estimator_var * evals,
                                 se_inflation=math.sqrt(1 + estimator_var / image_var))
+
+
+# ----------------------------------------------------------------------------- CPU allocator
+# runtime.retain_freed_memory (the command line's and this module's conftest's setting) against
+# glibc's defaults, side by side: each setting in its own worker process (spawned, so the
+# default one never saw the call), the same work sent to both.
+ALLOCATOR_WORK = ("train-ddpm", "sample-ddpm", "train-vae", "sample-vae")
+_WORK: dict[str, Any] = {}
+
+
+def _allocator_worker_init(retain: bool) -> None:
+    if retain and not retain_freed_memory():
+        raise RuntimeError("retain_freed_memory had no effect (not glibc?)")
+
+
+def _allocator_work(work: str) -> int:
+    """One call of `work` in a worker process; returns its minor page faults."""
+    import resource
+
+    if work not in _WORK:
+        kind, name = work.split("-")
+        m = _model(name)
+        if kind == "train":
+            params = [p for p in m.parameters() if p.requires_grad]
+            opt, x = make_optimizer(params, TrainConfig()), torch.randint(0, LEVELS, (BATCH, *SHAPE))
+
+            def call():
+                opt.zero_grad(set_to_none=True)
+                m.loss(x).backward()
+                clip_gradients(params, TrainConfig().grad_clip)
+                opt.step()
+        else:
+            m.eval()
+            kw = _sampler_kwargs("dpm++2m" if name in SOLVER_MODELS else None)
+            call = torch.no_grad()(lambda: m.sample(SAMPLE_BATCH, **kw))
+        for _ in range(3):  # warm-up: the allocator's pools fill here
+            call()
+        _WORK[work] = call
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    _WORK[work]()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.fixture(scope="module")
+def allocator_pools():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    pools = {a: ctx.Pool(1, initializer=_allocator_worker_init, initargs=(a == "retained",))
+             for a in ("glibc-default", "retained")}
+    yield pools
+    for p in pools.values():
+        p.terminate()
+
+
+_ALLOC_MEDIANS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("work, allocator", [(w, a) for w in ALLOCATOR_WORK for a in ("glibc-default", "retained")])
+def test_allocator(benchmark, allocator_pools, work, allocator):
+    """A training step (batch 128) or a headline sample (batch 256) of ddpm and vae with glibc's
+    default allocator settings and with runtime.retain_freed_memory; extra_info: the minor page
+    faults per call (median) and, for `retained`, `speedup` over the default measured in this
+    run. The times include a few ms of sending the call to the worker."""
+    pool = allocator_pools[allocator]
+    faults: list[int] = []
+    pool.apply(_allocator_work, (work,))  # build and warm up in the worker
+    benchmark.pedantic(lambda: faults.append(pool.apply(_allocator_work, (work,))),
+                       rounds=10 if work.startswith("sample-ddpm") else 20, iterations=1)
+    benchmark.extra_info.update(minor_faults_per_call=statistics.median(faults), allocator=allocator)
+    if benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    if allocator == "glibc-default":
+        _ALLOC_MEDIANS[work] = median
+    elif work in _ALLOC_MEDIANS:
+        benchmark.extra_info["speedup"] = _ALLOC_MEDIANS[work] / median

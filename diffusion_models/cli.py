@@ -24,7 +24,7 @@ from . import config as config_mod
 from . import data, models
 from .config import ConfigError
 from .pipeline.common import StageError, start_clock
-from .runtime import QualityError
+from .runtime import QualityError, retain_freed_memory
 from .train import TrainingError
 
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("dataset")
     args = p.parse_args(argv)
     start_clock()
+    retain_freed_memory()
     try:
         cfg = config_mod.load_params(args.params)
         for name, overrides in cfg.models.items():  # unknown models / override keys: fail early
