@@ -85,7 +85,8 @@ def retain_freed_memory() -> bool:
     untouched pages in the next one: a minor page fault per 4 KiB page. Measured on a 2-core
     Intel Xeon: 75,000 faults per 20-step DPM-Solver++ sample of 256 digits and 2,300 per
     `ddpm` training step; with both thresholds raised (mmap: 32 MiB, glibc's maximum;
-    trim: 2 GiB) none after warm-up. Numbers do not change (the same 64-byte-aligned blocks,
+    trim: 2 GiB) none in a typical pass after warm-up (now and then one pass still grows the heap
+    once, by a few hundred pages). Numbers do not change (the same 64-byte-aligned blocks,
     only reused); resident memory stays at its peak instead of shrinking between passes.
     Process-wide, so the command line and the benchmarks call it, not the library import.
     Returns whether it took effect (glibc only; elsewhere the allocator is left alone)."""
