@@ -52,26 +52,42 @@ def test_matmul_peak(benchmark, peak, dtype):
         benchmark.extra_info["flops_per_sec"] = 2 * n**3 / benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", TRAINABLE)
-def test_train_step(benchmark, peak, name, precision):
-    """One training step at the default batch; extra_info: measured FLOPs (forward+backward,
-    PyTorch's FLOP counter), achieved FLOP/s and its fraction of the fp32 matmul peak."""
-    m = _model(name)
+def _train_step(m, x, precision="fp32"):
+    """One training step of `m` on `x` as train.train takes it (fused Adam, gradient clipping)."""
     params = [p for p in m.parameters() if p.requires_grad]
     cfg = TrainConfig()
     opt = make_optimizer(params, cfg)
-    x = torch.randint(0, LEVELS, (BATCH, *SHAPE))
-    flops = measure_flops(m, x) * BATCH
 
-    def step():  # as train.train takes it
+    def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = m.loss(x)
         loss.backward()
         clip_gradients(params, cfg.grad_clip)
         opt.step()
+    return step
 
+
+def _record_speedup(benchmark, medians: dict[str, float], key: str, baseline: bool) -> None:
+    """Side by side in one run: the baseline case stores its median under `key`; the case after
+    it gets extra_info['speedup'] = the baseline's median / its own."""
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    if baseline:
+        medians[key] = benchmark.stats.stats.median
+    elif key in medians:
+        benchmark.extra_info["speedup"] = medians[key] / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_train_step(benchmark, peak, name, precision):
+    """One training step at the default batch; extra_info: measured FLOPs (forward+backward,
+    PyTorch's FLOP counter), achieved FLOP/s and its fraction of the fp32 matmul peak."""
+    m = _model(name)
+    x = torch.randint(0, LEVELS, (BATCH, *SHAPE))
+    flops = measure_flops(m, x) * BATCH
+    step = _train_step(m, x, precision)
     benchmark.extra_info.update(images_per_call=BATCH, flops_per_call=flops, peak_fp32=peak["fp32"],
                                 peak_bf16=peak["bf16"])
     benchmark(step)
@@ -270,12 +286,8 @@ def test_sampling_precision(benchmark, name, precision):
                        rounds=5, iterations=1)
     if benchmark.stats is None:
         return
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["samples_per_sec"] = SAMPLE_BATCH / median
-    if precision == "fp32":
-        _FP32_MEDIANS[name] = median
-    elif name in _FP32_MEDIANS:
-        benchmark.extra_info["speedup"] = _FP32_MEDIANS[name] / median
+    benchmark.extra_info["samples_per_sec"] = SAMPLE_BATCH / benchmark.stats.stats.median
+    _record_speedup(benchmark, _FP32_MEDIANS, name, baseline=precision == "fp32")
     check = _precision_check().get(name)
     if precision == "bf16" and check is not None:
         benchmark.extra_info.update(fid_delta=check["fid_diff"], fid_seed_std=check["fid_seed_std"],
@@ -360,18 +372,10 @@ def _allocator_work(work: str) -> int:
         kind, name = work.split("-")
         m = _model(name)
         if kind == "train":
-            params = [p for p in m.parameters() if p.requires_grad]
-            opt, x = make_optimizer(params, TrainConfig()), torch.randint(0, LEVELS, (BATCH, *SHAPE))
-
-            def call():
-                opt.zero_grad(set_to_none=True)
-                m.loss(x).backward()
-                clip_gradients(params, TrainConfig().grad_clip)
-                opt.step()
+            call = _train_step(m, torch.randint(0, LEVELS, (BATCH, *SHAPE)))
         else:
-            m.eval()
-            kw = _sampler_kwargs("dpm++2m" if name in SOLVER_MODELS else None)
-            call = torch.no_grad()(lambda: m.sample(SAMPLE_BATCH, **kw))
+            kw = HEADLINE if name in SOLVER_MODELS else {}
+            call = torch.no_grad()(lambda: m.eval().sample(SAMPLE_BATCH, **kw))
         for _ in range(3):  # warm-up: the allocator's pools fill here
             call()
         _WORK[work] = call
@@ -405,12 +409,6 @@ def test_allocator(benchmark, allocator_pools, work, allocator):
     faults: list[int] = []
     pool.apply(_allocator_work, (work,))  # build and warm up in the worker
     benchmark.pedantic(lambda: faults.append(pool.apply(_allocator_work, (work,))),
-                       rounds=10 if work.startswith("sample-ddpm") else 20, iterations=1)
+                       rounds=10 if work == "sample-ddpm" else 20, iterations=1)
     benchmark.extra_info.update(minor_faults_per_call=statistics.median(faults), allocator=allocator)
-    if benchmark.stats is None:
-        return
-    median = benchmark.stats.stats.median
-    if allocator == "glibc-default":
-        _ALLOC_MEDIANS[work] = median
-    elif work in _ALLOC_MEDIANS:
-        benchmark.extra_info["speedup"] = _ALLOC_MEDIANS[work] / median
+    _record_speedup(benchmark, _ALLOC_MEDIANS, work, baseline=allocator == "glibc-default")
