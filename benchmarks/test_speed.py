@@ -412,3 +412,27 @@ def test_allocator(benchmark, allocator_pools, work, allocator):
                        rounds=10 if work == "sample-ddpm" else 20, iterations=1)
     benchmark.extra_info.update(minor_faults_per_call=statistics.median(faults), allocator=allocator)
     _record_speedup(benchmark, _ALLOC_MEDIANS, work, baseline=allocator == "glibc-default")
+
+
+PARALLEL_STEPS = 150  # training steps per run
+_PARALLEL_MEDIANS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("name, mode", [(n, m) for n in TRAINABLE for m in ("in_turn", "side_by_side")])
+def test_parallel_runs(benchmark, name, mode):
+    """Two seeds' training runs as the train stage runs them on this CPU (pipeline.common:
+    parallel_runs, in_workers): in turn in this process with all its threads, or side by side in
+    worker processes sharing them (process start-up included, as in the stage). extra_info:
+    the workers and threads each, and for side_by_side the `speedup` over in_turn in this run."""
+    from diffusion_models.config import parse
+    from diffusion_models.pipeline.common import in_workers, parallel_runs
+    from parallel_runs import fit_steps  # a light module: what each spawned worker imports
+
+    cores = torch.get_num_threads()
+    workers, threads = parallel_runs(parse({}), 2, torch.device("cpu")) if mode == "side_by_side" else (1, cores)
+    if mode == "side_by_side" and workers == 1:
+        pytest.skip(f"one intra-op thread here ({cores}): the stage trains in turn")
+    benchmark.extra_info.update(runs=2, steps_per_run=PARALLEL_STEPS, workers=workers, threads_each=threads)
+    benchmark.pedantic(lambda: in_workers(fit_steps, [(name, s, PARALLEL_STEPS) for s in range(2)], workers, threads),
+                       rounds=1, iterations=1)
+    _record_speedup(benchmark, _PARALLEL_MEDIANS, name, baseline=mode == "in_turn")

@@ -49,6 +49,9 @@ class TrainConfig:
                                   # fractions of `images`; 1.0 is always included
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
+    workers: int = 0              # CPU: training runs (seeds) side by side, in this many processes
+                                  # sharing the threads; 0 = one per thread (at most one per run),
+                                  # 1 = in turn in the stage's process
     log_every: int = 50           # steps between DVCLive points
     val_every: int = 200          # steps between validation bounds on the learning curve (0: off)
     val_t_samples: int = 10       # diffusion: strata of t of that validation bound (cheap, unbiased)
@@ -158,7 +161,7 @@ _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", 
              "data.test_size", "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.steps", "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets",
              "sample.prc_neighborhood"}
-_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.ema", "train.val_every",
+_NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.workers", "train.ema", "train.val_every",
                  "evaluate.t_samples", "sample.eta"}
 
 

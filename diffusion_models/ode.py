@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-from torchdiffeq import odeint
 
 from . import likelihood as lk
 
@@ -121,6 +120,8 @@ def solve(view: ODEView, x: torch.Tensor, lam0: float, lam1: float, settings: OD
 
     state = (x,) if divergence_of is None else (x, torch.zeros(len(x), dtype=x.dtype, device=x.device))
     t = torch.tensor([lam0, lam1], dtype=torch.float64, device=x.device)
+    from torchdiffeq import odeint  # here, not at import: it loads SciPy (0.45 s of every stage's start-up)
+
     with torch.no_grad():
         # step_t: the last step ends at lam1 instead of overshooting it (the network is not
         # defined beyond the span it was trained on)

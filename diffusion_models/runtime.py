@@ -68,7 +68,8 @@ def processor() -> str:
 def device_label(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({processor()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({processor()}, {platform.machine()}, {n} thread{'s' if n != 1 else ''})"
 
 
 # glibc malloc's mallopt parameters (malloc.h)
@@ -98,6 +99,25 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # M_TRIM_THRESHOLD is a size_t inside glibc but an int here: 2^31 - 1 is the most it takes
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so that a worker
+    process never outlives a stage that was killed (`kill -9`, a cancelled `dvc repro`) and
+    keeps writing its outputs. Returns whether it took effect."""
+    if platform.system() != "Linux":
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ok = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if os.getppid() != parent:  # the parent died before the request: nobody will send the signal
+        os._exit(1)
+    return ok
 
 
 BF16_MIN_SPEEDUP = 1.5  # `auto` samples in bf16 where the bf16 matmul is at least this much faster
@@ -133,6 +153,17 @@ def sampling_precision(setting: str, device: torch.device) -> tuple[str, float |
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), None
     ratio = bf16_matmul_speedup()
     return ("bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"), ratio
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after it."""
+    outer = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(outer)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.flop_counter import FlopCounterMode
 from .config import TrainConfig
 from .models.base import Model
 from .runtime import Progress, atomic_path, device_label
@@ -47,7 +46,7 @@ class Resume:
 
 # TrainConfig fields that do not change what one run computes or reports (the device and
 # threads are in the key as resolved; seeds and fractions choose which runs and snapshots exist)
-_NOT_IN_KEY = ("device", "threads", "checkpoint_every", "seeds", "fractions", "val_every", "val_t_samples")
+_NOT_IN_KEY = ("device", "threads", "workers", "checkpoint_every", "seeds", "fractions", "val_every", "val_t_samples")
 
 
 def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, code: str, processes: int = 1) -> dict[str, Any]:
@@ -114,6 +113,8 @@ def measure_flops(model: Model, x: torch.Tensor) -> float:
     a copy of the model with the RNG states restored, so it changes nothing of the run."""
     if not any(p.requires_grad for p in model.parameters()):
         return 0.0
+    from torch.utils.flop_counter import FlopCounterMode  # here: it imports Triton where installed (0.2 s)
+
     probe = copy.deepcopy(model)
     counter = FlopCounterMode(display=False)
     devices = [x.device] if x.device.type == "cuda" else []

@@ -72,6 +72,10 @@ def test_load_params_errors_name_the_file(tmp_path):
         load_params(p)
 
 
-def test_sampling_precision_checked():
-    with pytest.raises(ConfigError, match="sample.precision must be 'fp32', 'bf16' or 'auto'"):
-        parse({"sample": {"precision": "fp16"}})
+@pytest.mark.parametrize("raw, message", [
+    ({"sample": {"precision": "fp16"}}, "sample.precision must be 'fp32', 'bf16' or 'auto'"),
+    ({"train": {"workers": -1}}, r"train\.workers must be >= 0"),
+])
+def test_sampling_precision_and_workers_checked(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)

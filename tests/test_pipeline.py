@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from diffusion_models.cli import main
@@ -62,7 +63,8 @@ def test_model_not_listed_in_params(tmp_path, monkeypatch, capsys):
 
 
 def test_finished_runs_are_kept_only_when_made_by_the_same_code(tmp_path, monkeypatch, capsys):
-    params = {**TINY, "models": {"vae": {"width": 8}}}
+    # the runs in this process (workers: 1), where capsys sees what they print
+    params = {**TINY, "models": {"vae": {"width": 8}}, "train": {**TINY["train"], "workers": 1}}
     for argv in (["prepare"], ["train", "vae"]):
         assert run_cli(tmp_path, monkeypatch, capsys, params, *argv)[0] == 0
     capsys.readouterr()
@@ -75,6 +77,47 @@ def test_finished_runs_are_kept_only_when_made_by_the_same_code(tmp_path, monkey
         out.append(capsys.readouterr().out)
     assert "vae seed 0: kept" in out[0] and "vae seed 1: kept" in out[0] and "trained vae" not in out[0]
     assert "kept" not in out[1] and "trained vae seed 0" in out[1] and "trained vae seed 1" in out[1]
+
+
+@pytest.mark.slow
+def test_runs_trained_side_by_side_equal_runs_trained_in_turn(tmp_path, monkeypatch, capfd):
+    """On a CPU the seeds train in worker processes side by side (one thread each at this
+    2-thread setting); the same runs trained one after another in the stage's process with one
+    thread give bit-identical checkpoints, learning curves and DVCLive summary, and this
+    process's threads are as they were."""
+    out, threads = {}, torch.get_num_threads()
+    for mode, train in (("side by side", {"threads": 2}), ("in turn", {"threads": 1, "workers": 1})):
+        work = tmp_path / mode.replace(" ", "_")
+        work.mkdir()
+        params = {**TINY, "models": {"vae": {"width": 8}}, "train": {**TINY["train"], **train}}
+        monkeypatch.chdir(work)
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        try:
+            assert main(["prepare"]) == 0 and main(["train", "vae"]) == 0
+        finally:
+            torch.set_num_threads(threads)  # setup_torch applies train.threads to this process
+        out[mode] = capfd.readouterr().out
+        out[mode + " record"] = json.loads((work / "results" / "train" / "vae.json").read_text())
+    assert "vae: 2 runs side by side in 2 processes, 1 thread(s) each" in out["side by side"]
+    assert "side by side" not in out["in turn"]
+    assert out["side by side record"]["device"].endswith("1 thread), 2 runs side by side")
+    assert out["in turn record"]["device"].endswith("1 thread)")
+    a, b = tmp_path / "side_by_side" / "results", tmp_path / "in_turn" / "results"
+    for seed in (0, 1):
+        for pct in (50, 100):
+            ca = torch.load(a / "checkpoints" / "vae" / f"seed{seed}-{pct}pct.pt", weights_only=True)
+            cb = torch.load(b / "checkpoints" / "vae" / f"seed{seed}-{pct}pct.pt", weights_only=True)
+            assert ca["run_key"] == cb["run_key"]
+            assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
+            untimed = lambda c: json.dumps({k: v for k, v in c["train"].items() if "sec" not in k})  # noqa: E731
+            assert untimed(ca) == untimed(cb)  # steps, images, FLOPs, final loss
+        for curve in ("train/loss.tsv", "val/bpd.tsv"):
+            tsv = Path("live") / "vae" / "plots" / "metrics" / f"seed{seed}" / curve
+            values = lambda d: [ln.split("\t")[1:] for ln in (d / tsv).read_text().splitlines()]  # noqa: E731
+            assert len(values(a)) >= 2 and values(a) == values(b)  # header, points: step and value (no timestamp)
+    summary = json.loads((a / "live" / "vae" / "metrics.json").read_text())
+    other = json.loads((b / "live" / "vae" / "metrics.json").read_text())
+    assert {k: summary[k] for k in ("seed0", "seed1")} == {k: other[k] for k in ("seed0", "seed1")}
 
 
 def _copy_repo(dst: Path) -> None:

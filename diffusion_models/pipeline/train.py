@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .. import data, models
 from ..config import Config, EvalConfig
 from ..likelihood import bits_per_dim
-from ..runtime import device_label, read_json, seed_everything, versions, write_json, write_text
+from ..runtime import (device_label, intra_op_threads, read_json, seed_everything, versions, write_json,
+                       write_text)
 from ..train import Resume, run_key, snapshot_steps
 from ..train import train as fit
 from .common import (CHECKPOINTS, LIVE, METRICS, PREPARED, RESUME, TRAIN_RECORDS, TRAIN_SOURCES, checkpoint_path,
-                     code_digest, model_overrides, run_seeds, setup_torch, split, to_tensor, write_record)
+                     code_digest, in_workers, model_overrides, parallel_runs, run_seeds, setup_torch, split,
+                     to_tensor, write_record)
 
 
 def prepare(cfg: Config) -> None:
@@ -95,11 +98,63 @@ def _clean(name: str, wanted: set[Path], seeds: list[int], metrics_dir: Path) ->
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _log_point(live: Any, message: tuple[int, int, int, dict[str, float]]) -> None:
+    """One learning-curve point of run `seed` into the model's DVCLive folder (metric names carry
+    the seed: each run has its own curves)."""
+    seed, step, seen, point = message
+    live.step = step
+    for k, v in point.items():
+        live.log_metric(f"seed{seed}/{k}", v)
+    live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
+    live.next_step()
+
+
+def _fit_run(cfg: Config, name: str, seed: int, device: str, key: dict[str, Any], fractions: list[float],
+             done: dict[float, Any], rank: int = 0, world: int = 1, *,
+             send: Callable[[tuple[int, int, int, dict[str, float]]], None] | None = None,
+             ) -> dict[float, Any]:
+    """Train run `seed` (resumed from its saved state when there is one of this very run) and
+    save its budget-sweep checkpoints; `done` holds those already on disk. In the stage's
+    process or in a worker of its own (`in_workers`); the learning-curve points go to `send`.
+    Returns fraction -> training result."""
+    dev = torch.device(device)
+    train_ds = split(cfg, "train")
+    images, val = to_tensor(train_ds, dev), to_tensor(split(cfg, "val"), dev)
+    tcfg = dataclasses.replace(cfg.train, seed=seed)
+    seed_everything(seed)
+    model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **model_overrides(cfg, name)).to(dev)
+    resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
+                "model": dataclasses.asdict(model.cfg)}
+    steps = snapshot_steps(tcfg, fractions)
+    resume = Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key) if world == 1 else None
+    curve = LIVE / name / "plots" / "metrics" / f"seed{seed}"
+    if not _prepare_resume(resume, steps, done, curve) and rank == 0:
+        shutil.rmtree(curve, ignore_errors=True)
+
+    def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """This run's checkpoint at a budget fraction (rank 0 writes it)."""
+        done[fraction] = result.as_dict()
+        if rank == 0:
+            models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
+                        resolved=resolved, train=result.as_dict(), run_key=key)
+
+    log = (lambda step, seen, point: send((seed, step, seen, point))) if send is not None else None
+    result = fit(model, images, tcfg, log=log, progress=rank == 0, resume=resume,
+                 validate=lambda m: validation_bound(m, val, cfg.train.val_t_samples),
+                 snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
+    save(1.0, result)
+    print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
+          f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}", flush=True)
+    return done
+
+
 def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     """Train one run per seed, keeping checkpoints at the budget sweep's fractions. A run whose
     checkpoints are all present from an earlier, identical run (same model, training config,
     seed, data and code) is kept, so a stage killed mid-way loses nothing already trained;
-    when every run is kept and the record would not change, nothing is rewritten."""
+    when every run is kept and the record would not change, nothing is rewritten. On a CPU
+    the runs train side by side in worker processes that share the threads (`parallel_runs`);
+    every run key names the threads it trained with."""
     from dvclive import Live
 
     overrides = model_overrides(cfg, name)
@@ -110,76 +165,57 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     images = to_tensor(train_ds, dev)
-    val = to_tensor(split(cfg, "val"), dev)
-    build = lambda: models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)  # noqa: E731
     seeds, code = run_seeds(cfg), code_digest(name, TRAIN_SOURCES)
-    probe = build()
+    probe = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
     trainable = any(p.requires_grad for p in probe.parameters())
     fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
-    metrics_dir = LIVE / name / "plots" / "metrics"
-    if rank == 0:
-        _clean(name, {checkpoint_path(name, s, f) for s in seeds for f in fractions}, seeds, metrics_dir)
-    live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
-                if rank == 0 else contextlib.nullcontext())
-    runs, trained = [], False
-    with live_ctx as live:
-        if live is not None:
-            live.log_params({"model": name, "seeds": seeds, "fractions": fractions,
-                             "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
-                             "model_config": dataclasses.asdict(probe.cfg)})
+    workers, threads = parallel_runs(cfg, len(seeds), dev, world) if trainable else (1, torch.get_num_threads())
+    with intra_op_threads(threads):  # each run's threads: what its key and the record's device name
+        label = device_label(dev) + (f", {workers} runs side by side" if workers > 1 else "")
+        runs_done, todo = {}, []
         for seed in seeds:
-            tcfg = dataclasses.replace(cfg.train, seed=seed)
             seed_everything(seed)
-            model = build()
-            key = run_key(model, images, tcfg, code, processes=world)
-            resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
-                        "model": dataclasses.asdict(model.cfg)}
+            model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
+            key = run_key(model, images, dataclasses.replace(cfg.train, seed=seed), code, processes=world)
             done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
+            runs_done[seed] = done
             if world == 1 and len(done) == len(fractions):
                 print(f"{name} seed {seed}: kept from an earlier identical run")
             else:
-                trained = True
-                steps = snapshot_steps(tcfg, fractions)
-                resume = (Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key)
-                          if world == 1 else None)
-                resuming = _prepare_resume(resume, steps, done, metrics_dir / f"seed{seed}")
-                if rank == 0 and not resuming:
-                    shutil.rmtree(metrics_dir / f"seed{seed}", ignore_errors=True)
-
-                def log(step: int, seen: int, point: dict[str, float]) -> None:
-                    live.step = step
-                    for k, v in point.items():
-                        live.log_metric(f"seed{seed}/{k}", v)
-                    live.log_metric(f"seed{seed}/train/images_seen", seen, plot=False)
-                    live.next_step()
-
-                def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
-                    """This run's checkpoint at a budget fraction (rank 0 writes it)."""
-                    done[fraction] = result.as_dict()
-                    if rank == 0:
-                        models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
-                                    resolved=resolved, train=result.as_dict(), run_key=key)
-
-                result = fit(model, images, tcfg, log=log if live is not None else None, progress=rank == 0,
-                             resume=resume, validate=lambda m: validation_bound(m, val, cfg.train.val_t_samples),
-                             snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
-                save(1.0, result)
-                print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
-                      f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}")
-            runs += [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **done[f]}
-                     for f in fractions]
+                todo.append((cfg, name, seed, str(dev), key, fractions, done, rank, world))
+        metrics_dir = LIVE / name / "plots" / "metrics"
+        if rank == 0:
+            _clean(name, {checkpoint_path(name, s, f) for s in seeds for f in fractions}, seeds, metrics_dir)
+        live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
+                    if rank == 0 else contextlib.nullcontext())
+        with live_ctx as live:
+            if live is not None:
+                live.log_params({"model": name, "seeds": seeds, "fractions": fractions,
+                                 "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
+                                 "model_config": dataclasses.asdict(probe.cfg)})
+            if len(todo) > 1 and workers > 1:
+                print(f"{name}: {len(todo)} runs side by side in {min(workers, len(todo))} processes, "
+                      f"{threads} thread(s) each", flush=True)
+            send = functools.partial(_log_point, live) if live is not None else None
+            trained = in_workers(_fit_run, todo, min(workers, len(todo)) or 1, threads, send)
+            runs_done.update({job[2]: done for job, done in zip(todo, trained)})
     if rank != 0:  # rank 0 writes the outputs
         return {}
+    runs = [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **runs_done[seed][f]}
+            for seed in seeds for f in fractions]
     record = {
-        "model": name, "family": model.family, "params": model.num_params(),
+        "model": name, "family": probe.family, "params": probe.num_params(),
         "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
         "n_train": meta["n_train"], "n_val": meta["n_val"], "n_test": meta["n_test"],
         "budget_images": cfg.train.images, "batch_size": cfg.train.batch_size, "seeds": seeds,
-        "fractions": fractions, "processes": world, "device": device_label(dev), "versions": versions(),
-        "config": {**resolved, "train": dataclasses.asdict(cfg.train)}, "code_sha1": code, "runs": runs,
+        "fractions": fractions, "processes": world,
+        "device": label, "versions": versions(),
+        "config": {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
+                   "model": dataclasses.asdict(probe.cfg)},
+        "code_sha1": code, "runs": runs,
     }
     path = TRAIN_RECORDS / f"{name}.json"
-    if not trained and path.is_file():
+    if not todo and path.is_file():
         old = read_json(path)
         if {k: v for k, v in old.items() if k != "stage_seconds"} == json.loads(json.dumps(record)):
             print(f"{name}: every run kept, record unchanged")
