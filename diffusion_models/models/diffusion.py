@@ -248,7 +248,7 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         return terms, profile
 
     @torch.no_grad()
-    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, spacing: str = "log",
+    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 2048, spacing: str = "log",
                           ode: dict[str, Any] | None = None, **estimator: Any):
         """The VLB's terms and profile over strata of t; with `ode` (`ode_estimator`), the ODE bound."""
         self._reject(estimator, self.name or type(self).__name__)

@@ -332,7 +332,7 @@ class NormalizingFlow(Model):
         return (self.offset - log_prior - logdet).mean() / self.dims
 
     @torch.no_grad()
-    def nll_terms(self, x, k: int = 1, chunk: int = 4096, **estimator: Any):
+    def nll_terms(self, x, k: int = 1, chunk: int = 2048, **estimator: Any):
         """k = 1: -log p(y) - D log(2h), one draw y; k > 1: the K-sample bound, "prior" and
         "flow" averaged over the K draws, the importance-weighting gain (<= 0) in "dequantization"."""
         self._reject(estimator, self.name)

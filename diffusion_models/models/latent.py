@@ -38,7 +38,7 @@ class LatentVariableModel(Model):
         return -(torch.logsumexp(torch.cat(log_w), 0) - math.log(k))  # [B]
 
     @torch.no_grad()
-    def nll_terms(self, x, k: int = 1, chunk: int = 4096, **estimator: Any):
+    def nll_terms(self, x, k: int = 1, chunk: int = 2048, **estimator: Any):
         """k = 1: the ELBO's named terms; k > 1: {"iwae": IWAE-k bound}."""
         self._reject(estimator, self.name)
         self._check_x(x)

@@ -137,7 +137,7 @@ class VDM(ode.ProbabilityFlow, Model):
         return vlb.mean() / self.dims
 
     @torch.no_grad()
-    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 4096, ode: dict[str, Any] | None = None,
+    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 2048, ode: dict[str, Any] | None = None,
                           **estimator: Any):
         """The bound's terms and its profile over the K strata of t (log SNR = -gamma(t)); with
         `ode` (`ode_estimator`), the ODE bound."""
