@@ -23,6 +23,9 @@ def summarize(values: torch.Tensor, dims: int) -> dict[str, float]:
     return {"nats": mean, "nats_se": se, "bpd": bits_per_dim(mean, dims), "bpd_se": bits_per_dim(se, dims)}
 
 
+EVALUATE_ONLY = ("max_examples", "batch_size")  # estimator kwargs for evaluate_bounds, not nll_terms
+
+
 @torch.no_grad()
 def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks: list[int] | None = None,
                     per_example: bool = False) -> dict[str, dict[str, Any]]:
@@ -41,13 +44,14 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
     out: dict[str, dict[str, Any]] = {}
     for label, kwargs in estimators.items():
         kwargs = dict(kwargs)
-        xs = images[: kwargs.pop("max_examples", None)]  # an estimator may score a fixed subset
+        xs = images[: kwargs.pop("max_examples", None)]  # an estimator may score a fixed subset,
+        batch = kwargs.pop("batch_size", cfg.batch_size)  # in batches of its own (EVALUATE_ONLY)
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = {}
         strata, profile, nfe = [], None, []
-        for i in range(0, len(xs), cfg.batch_size):
-            terms, profile = model.nll_terms_profile(xs[i: i + cfg.batch_size], **kwargs)
+        for i in range(0, len(xs), batch):
+            terms, profile = model.nll_terms_profile(xs[i: i + batch], **kwargs)
             for name, value in terms.items():
                 parts.setdefault(name, []).append(value.detach().double().cpu())
             if profile is not None and "nats" in profile:

@@ -224,7 +224,7 @@ class ProbabilityFlow:
                  f"K={ocfg.k}{subset})")
         return label, {"ode": {"settings": settings, "divergence_estimator": div, "probes": ocfg.probes,
                                "dequantization": ocfg.dequantization, "k": ocfg.k},
-                       "max_examples": ocfg.n_test}
+                       "max_examples": ocfg.n_test, "batch_size": ocfg.batch_size}
 
     def ode_terms(self, x: torch.Tensor, settings: ODESettings, **kw) -> tuple[dict[str, torch.Tensor], dict]:
         """The ODE bound's terms (nats [B]) and {'nfe': function evaluations per example}."""

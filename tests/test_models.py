@@ -8,6 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from diffusion_models import data, models
 from diffusion_models.config import EvalConfig, TrainConfig
+from diffusion_models.evaluate import EVALUATE_ONLY
 from diffusion_models.likelihood import bits_per_dim, discretized_logistic_log_prob
 from diffusion_models.train import train
 from helpers import SHAPES, digits_train, uniform
@@ -38,7 +39,7 @@ def test_interface(name, dataset, tmp_path):
     ecfg = EvalConfig(iwae_k=3)
     ecfg.ode.rtol = ecfg.ode.atol = 1e-2  # the diffusion models' ODE bound: loose, untrained nets
     for label, kwargs in m.estimators(ecfg):
-        kwargs = {k: v for k, v in kwargs.items() if k != "max_examples"}  # evaluate's, not nll_terms'
+        kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}  # evaluate's, not nll_terms'
         torch.manual_seed(1)
         b = m.nll_bound(x, **kwargs)
         assert b.shape == (4,) and torch.isfinite(b).all() and (b > 0).all(), label
@@ -83,8 +84,9 @@ def test_bound_on_uniform_data_is_at_least_log2_levels(name):
     ecfg = EvalConfig(iwae_k=16)
     ecfg.ode.n_test = 64  # diffusion models' probability-flow ODE bound: on 64 of the images
     for label, kwargs in m.estimators(ecfg):
-        kwargs = dict(kwargs)
-        b = m.nll_bound(held_out[: kwargs.pop("max_examples", None)], **kwargs).double()
+        n = kwargs.get("max_examples")
+        kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}
+        b = m.nll_bound(held_out[:n], **kwargs).double()
         bpd = bits_per_dim(b.mean().item(), m.dims)
         se = bits_per_dim(b.std().item() / math.sqrt(len(b)), m.dims)
         assert bpd >= math.log2(levels) - 3 * se, (label, bpd)

@@ -73,7 +73,8 @@ class Model(nn.Module):
     def estimators(self, ecfg: Any) -> list[tuple[str, dict[str, Any]]]:
         """The bounds this model reports under eval config `ecfg`: (label, kwargs for nll_terms).
         The kwargs may also hold `max_examples`: evaluate scores only the first N test examples
-        with that estimator (a costly bound on a fixed subset); it is not passed to nll_terms."""
+        with that estimator (a costly bound on a fixed subset), and `batch_size`: the examples
+        per nll_terms call with it (else `evaluate.batch_size`); neither is passed to nll_terms."""
         raise NotImplementedError
 
     def sample(self, n: int, generator: torch.Generator | None = None, sampler: str = "ancestral",

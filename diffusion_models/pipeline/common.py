@@ -163,7 +163,7 @@ def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -
     if dev.type != "cpu" or world > 1 or n_runs < 2 or cfg.train.workers == 1:
         return 1, threads
     workers = min(n_runs, cfg.train.workers or threads, threads)
-    return (workers, threads // workers) if workers > 1 else (1, threads)
+    return workers, threads // workers
 
 
 _WORKER: dict[str, Any] = {}  # in a worker process of in_workers: its message queue

@@ -173,10 +173,8 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     with intra_op_threads(threads):  # each run's threads: what its key and the record's device name
         label = device_label(dev) + (f", {workers} runs side by side" if workers > 1 else "")
         runs_done, todo = {}, []
-        for seed in seeds:
-            seed_everything(seed)
-            model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
-            key = run_key(model, images, dataclasses.replace(cfg.train, seed=seed), code, processes=world)
+        for seed in seeds:  # a run's key reads the model's name and config: the probe's
+            key = run_key(probe, images, dataclasses.replace(cfg.train, seed=seed), code, processes=world)
             done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
             runs_done[seed] = done
             if world == 1 and len(done) == len(fractions):
