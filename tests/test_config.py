@@ -75,7 +75,8 @@ def test_load_params_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("raw, message", [
     ({"sample": {"precision": "fp16"}}, "sample.precision must be 'fp32', 'bf16' or 'auto'"),
     ({"train": {"workers": -1}}, r"train\.workers must be >= 0"),
+    ({"evaluate": {"ode": {"batch_size": 0}}}, r"evaluate\.ode\.batch_size must be > 0"),
 ])
-def test_sampling_precision_and_workers_checked(raw, message):
+def test_sampling_precision_workers_and_ode_batch_checked(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse(raw)

@@ -203,6 +203,31 @@ def test_every_diffusion_model_has_ode_bound_and_sampler(name):
         m.sample(2, sampler="ddim", steps=2, rtol=1e-3)
 
 
+def test_ode_bound_is_solved_in_its_own_batches():
+    """`evaluate.ode.batch_size`, not `evaluate.batch_size`, sets the images per adaptive solve:
+    the bound through evaluate_bounds equals the model's terms solved directly on those
+    batches (4 + 2 of the 6 images), and differs from one solve of all 6 (the probes and
+    dequantization draws fall differently), which shows the check can fail."""
+    from diffusion_models.evaluate import EVALUATE_ONLY, evaluate_bounds
+
+    m = models.build("ddpm", shape=(1, 8, 8), levels=LEVELS)
+    x = torch.randint(0, LEVELS, (8, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    per_batch = {}
+    for batch in (4, 8):
+        ecfg = config.EvalConfig(t_samples=4, batch_size=8)
+        ecfg.ode.rtol = ecfg.ode.atol = 1e-2
+        ecfg.ode.n_test, ecfg.ode.batch_size = 6, batch
+        label, kwargs = m.estimators(ecfg)[-1]
+        assert label.startswith("ODE") and kwargs["batch_size"] == batch
+        per_batch[batch] = evaluate_bounds(m, x, ecfg, per_example=True)[label]["per_example_bpd"]
+    kw = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}
+    torch.manual_seed(ecfg.seed)
+    direct = torch.cat([torch.stack(list(m.nll_terms(x[i:j], **kw).values())).double().sum(0)
+                        for i, j in ((0, 4), (4, 6))]) / (m.dims * math.log(2))
+    assert per_batch[4] == pytest.approx(direct.tolist(), rel=1e-6)
+    assert per_batch[8] != pytest.approx(direct.tolist(), rel=1e-6)
+
+
 def test_ode_sampler_reproduces_the_gaussian_oracles_moments():
     g = torch.Generator().manual_seed(2)
     mu = 0.5 * torch.randn(1, *SHAPE, generator=g, dtype=torch.float64)
