@@ -134,6 +134,21 @@ def _eval_model(name):
     return m
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trained(name, n):
+    """The trained seed-0 final checkpoint the pipeline leaves in results/ (eval mode) and the
+    first `n` test images (None: all); the case is skipped, saying why, before `make repro`."""
+    from diffusion_models import data
+
+    checkpoint, test = ROOT / "results" / "checkpoints" / name / "seed0-100pct.pt", ROOT / "data/prepared/test.npz"
+    if not (checkpoint.is_file() and test.is_file()):
+        pytest.skip(f"needs the pipeline's trained {name} ({checkpoint.relative_to(ROOT)}): run `make repro` first")
+    m, _ = models.load(checkpoint)
+    return m.eval(), torch.from_numpy(data.load_prepared(test).images[:n].astype("int64"))
+
+
 @pytest.mark.parametrize("name", SOLVER_MODELS)
 def test_network_evaluation(benchmark, name):
     """One network evaluation as the samplers make it (prediction of x0 and eps at one time)."""
@@ -212,19 +227,12 @@ def test_ode_bound_batch(benchmark, name, batch):
     is how it was solved before: 64 + 36). A batch's adaptive solve shares its steps, and its
     small network passes are overhead-bound, so fewer, larger solves cost less. extra_info:
     `speedup` over 64 measured in this run, NFE per solve, the bound (bits/dim)."""
-    from diffusion_models import data
-
-    checkpoint, test = ROOT / "results" / "checkpoints" / name / "seed0-100pct.pt", ROOT / "data/prepared/test.npz"
-    if not (checkpoint.is_file() and test.is_file()):
-        pytest.skip(f"needs the pipeline's trained {name} ({checkpoint.relative_to(ROOT)}): run `make repro` first")
-    m, _ = models.load(checkpoint)
-    m.eval()
     ecfg = EvalConfig()
     ecfg.ode.batch_size = batch
+    m, x = _trained(name, ecfg.ode.n_test)
     label, kwargs = m.estimators(ecfg)[-1]
-    n = kwargs["max_examples"]
+    n = len(x)
     kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}
-    x = torch.from_numpy(data.load_prepared(test).images[:n].astype("int64"))
     nfe, bound = [], []
 
     def solve():
@@ -354,7 +362,6 @@ def test_sampling_precision(benchmark, name, precision):
 # Precision per unit of compute of the diffusion VLB's estimators, on the trained models the
 # pipeline left in results/ (a property of the trained network: an untrained one has another
 # profile over t). Needs `make repro` first; without its checkpoints the cases are skipped.
-ROOT = Path(__file__).resolve().parents[1]
 VLB_IMAGES, VLB_REPEATS = 64, 3
 VLB_ESTIMATORS = {  # label -> nll_terms keywords
     "exact": {"t_samples": 0}, "log-10": {"t_samples": 10, "spacing": "log"},
@@ -376,14 +383,7 @@ def test_vlb_estimator_precision(benchmark, name, estimator):
     variance times cost: lower is more precision per FLOP), and `se_inflation` =
     sqrt(1 + estimator_var / image_var), the factor by which the estimator's noise widens the
     reported standard error over the test set."""
-    from diffusion_models import data
-
-    checkpoint, test = ROOT / "results" / "checkpoints" / name / "seed0-100pct.pt", ROOT / "data/prepared/test.npz"
-    if not (checkpoint.is_file() and test.is_file()):
-        pytest.skip(f"needs the pipeline's trained {name} ({checkpoint.relative_to(ROOT)}): run `make repro` first")
-    m, _ = models.load(checkpoint)
-    m.eval()
-    x = torch.from_numpy(data.load_prepared(test).images[:VLB_IMAGES].astype("int64"))
+    m, x = _trained(name, VLB_IMAGES)
     kwargs = {**(VDM_ESTIMATORS if name == "vdm" else VLB_ESTIMATORS)[estimator], "chunk": 4096}
     rows = [0]
     m.nfe_module().register_forward_hook(lambda mod, inp, out: rows.__setitem__(0, rows[0] + len(out)))
