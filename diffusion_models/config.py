@@ -63,13 +63,16 @@ class ODEEvalConfig:
     """The probability-flow ODE bound of the diffusion models (ode.py), on the final checkpoints."""
     enabled: bool = True          # compute it on every run's final checkpoint (the sweep: VLB only)
     method: str = "dopri5"        # torchdiffeq adaptive solver
-    rtol: float = 1e-3            # (dopri5's error per step; 1e-5 moved a digits ddpm's bound by
-    atol: float = 1e-3            #  0.006 bits/dim, well inside its standard error, at 4-6x the NFE)
-    divergence: str = "hutchinson"  # hutchinson | exact | auto (exact up to D = 64): on digits the
-                                  # exact trace (64 JVPs) cost 4.2x per image for 1.6x less variance
+    rtol: float = 1e-3            # dopri5's tolerances
+    atol: float = 1e-3
+    check_tol: float | None = 1e-5  # the solver check: on the first seed's final checkpoint, the first
+    check_n: int = 16             # check_n images' bound solved again at rtol = atol = check_tol with the
+                                  # same draws; their difference is the solver's error (None: no check)
+    divergence: str = "hutchinson"  # hutchinson | exact | auto (exact up to D = 64, and for k > 1)
     probes: int = 1               # Hutchinson: Rademacher probes per example
     dequantization: str = "tn"    # tn (truncated normal, i-DODE) | uniform
-    k: int = 1                    # dequantization (importance) samples per example
+    k: int = 1                    # dequantization (importance) samples per example (k > 1: exact
+                                  # divergence only; Hutchinson noise inside the log-mean-exp biases it)
     n_test: int | None = 100      # the first n test images (a fixed subset); None: all of them
     batch_size: int = 128         # test images per adaptive solve (a batch shares its steps and NFE);
                                   # its small network passes are overhead-bound on a CPU, so one
@@ -126,11 +129,10 @@ class SampleConfig:
     ode_tolerances: list[float] = field(default_factory=lambda: [1e-2, 1e-3, 1e-4])
                                   # the ODE sampler (diffusion models) in the grid: dopri5 at
                                   # rtol = atol = each of these; NFE is what it used
-    precision: str = "auto"       # the network's precision while sampling: bf16 (autocast) | fp32 |
-                                  # auto (bf16 on CUDA, and on a CPU whose bf16 matmul measures >= 1.5x
-                                  # its fp32 one; else fp32); the headline setting is also run in the
-                                  # other precision on the first seed's final checkpoint (same noise),
-                                  # results/precision_check.csv
+    precision: str = "fp32"       # the network's precision while sampling, the same on every machine:
+                                  # fp32 | bf16 (autocast; the sampler's own arithmetic stays fp32).
+                                  # The headline setting is also run in the other precision on the
+                                  # first seed's final checkpoint (same noise): results/precision_check.csv
     eta: float = 0.0              # DDIM eta (0: deterministic DDIM, 1: DDPM-like noise)
     spacing: str = "trailing"     # timestep spacing of ddim / dpm++2m: trailing | leading
     kid_subset_size: int = 1000   # KID: subset size (capped at the smaller set) and subsets
@@ -248,7 +250,8 @@ def _check_ranges(cfg: Config) -> None:
     if not all(0 < f <= 1 for f in cfg.train.fractions):
         raise ConfigError(f"train.fractions must lie in (0, 1], got {cfg.train.fractions!r}")
     o = cfg.evaluate.ode
-    for key in ("rtol", "atol", "probes", "k", "batch_size") + (("n_test",) if o.n_test is not None else ()):
+    for key in ("rtol", "atol", "probes", "k", "batch_size", "check_n") + (("n_test",) if o.n_test is not None else ()) \
+            + (("check_tol",) if o.check_tol is not None else ()):
         if not getattr(o, key) > 0:
             raise ConfigError(f"evaluate.ode.{key} must be > 0, got {getattr(o, key)!r}")
     choices = {"divergence": ("auto", "exact", "hutchinson"), "dequantization": ("tn", "uniform"),
@@ -256,8 +259,11 @@ def _check_ranges(cfg: Config) -> None:
     for key, allowed in choices.items():
         if getattr(o, key) not in allowed:
             raise ConfigError(f"evaluate.ode.{key} must be one of {', '.join(allowed)}, got {getattr(o, key)!r}")
-    if cfg.sample.precision not in ("fp32", "bf16", "auto"):
-        raise ConfigError(f"sample.precision must be 'fp32', 'bf16' or 'auto', got {cfg.sample.precision!r}")
+    if o.k > 1 and o.divergence == "hutchinson":
+        raise ConfigError(f"evaluate.ode.k = {o.k} needs evaluate.ode.divergence exact (or auto): Hutchinson "
+                          "noise inside the K-sample log-mean-exp biases the bound low, below -log P(x)")
+    if cfg.sample.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"sample.precision must be 'fp32' or 'bf16', got {cfg.sample.precision!r}")
     if cfg.evaluate.t_spacing not in ("log", "uniform"):
         raise ConfigError(f"evaluate.t_spacing must be 'log' or 'uniform', got {cfg.evaluate.t_spacing!r}")
     if not 0 <= cfg.sample.eta <= 1:

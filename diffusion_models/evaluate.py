@@ -23,7 +23,8 @@ def summarize(values: torch.Tensor, dims: int) -> dict[str, float]:
     return {"nats": mean, "nats_se": se, "bpd": bits_per_dim(mean, dims), "bpd_se": bits_per_dim(se, dims)}
 
 
-EVALUATE_ONLY = ("max_examples", "batch_size")  # estimator kwargs for evaluate_bounds, not nll_terms
+EVALUATE_ONLY = ("max_examples", "batch_size")
+MAX_NONFINITE = 0.001  # draw_samples fails when more than this fraction of the samples failed  # estimator kwargs for evaluate_bounds, not nll_terms
 
 
 @torch.no_grad()
@@ -35,7 +36,8 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
     these IWAE sample counts (default: cfg.iwae_k); one the models share is computed once.
     Returns {estimator label: summary}; a summary has `profile` (bits/dim of each stratum of
     time: where a diffusion bound's bits come from) where the model gives one, `nfe` (network
-    evaluations per example, the mean over batches) for an adaptive ODE bound, and with
+    evaluations per example, the mean over batches) for an adaptive ODE bound, `solver_check`
+    where the estimator solves its first images again at tighter tolerances, and with
     `per_example` the bound of every example (bits/dim), for paired comparisons.
     """
     model.eval()
@@ -49,7 +51,7 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = {}
-        strata, profile, nfe = [], None, []
+        strata, profile, nfe, gaps = [], None, [], []
         for i in range(0, len(xs), batch):
             terms, profile = model.nll_terms_profile(xs[i: i + batch], **kwargs)
             for name, value in terms.items():
@@ -58,6 +60,8 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
                 strata.append(profile["nats"].double().sum(1).cpu())  # [K]
             if profile is not None and "nfe" in profile:
                 nfe += [profile["nfe"]] * len(value)
+            if profile is not None and "solver_gap" in profile:
+                gaps.append(profile["solver_gap"].double().cpu())
         terms = {k: torch.cat(v) for k, v in parts.items()}
         total = torch.stack(list(terms.values())).sum(0)
         if not torch.isfinite(total).all():
@@ -73,6 +77,12 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
                                      "bpd": (torch.stack(strata).sum(0) / (len(total) * model.dims * LN2)).tolist()}
         if nfe:
             out[label]["nfe"] = statistics.fmean(nfe)
+        if gaps:  # the bound minus the same draws' bound at the check's tolerances, per image
+            gap = torch.cat(gaps) / (model.dims * LN2)
+            out[label]["solver_check"] = {
+                "tol": kwargs["ode"]["check"].rtol, "n_examples": len(gap), "gap_bpd": gap.mean().item(),
+                "gap_bpd_se": gap.std().item() / math.sqrt(len(gap)) if len(gap) > 1 else math.nan,
+                "max_abs_gap_bpd": gap.abs().max().item()}
         if per_example:
             out[label]["per_example_bpd"] = (total / (model.dims * LN2)).tolist()
     return out
@@ -87,11 +97,14 @@ def draw_samples(model: Model, n: int, batch_size: int, generator: torch.Generat
 
     `nfe` is counted, not declared: the forward calls of `model.nfe_module()` (a hook, for the
     duration of sampling) per call of `model.sample`, the same for every batch (else their
-    mean); `nfe_declared` is `model.nfe(**sampler)`, what the model says it runs."""
+    mean); `nfe_declared` is `model.nfe(**sampler)`, what the model says it runs.
+    `nonfinite_samples`: the samples the model could not compute (`Model.nonfinite_samples`);
+    above MAX_NONFINITE of n it is an error."""
     images, full, calls = [], [], []
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     module = model.nfe_module()
     counter = [0]
+    model.nonfinite_samples = 0
     hook = None if module is None else module.register_forward_hook(
         lambda *_: counter.__setitem__(0, counter[0] + 1))
     try:
@@ -113,10 +126,14 @@ def draw_samples(model: Model, n: int, batch_size: int, generator: torch.Generat
     finally:
         if hook is not None:
             hook.remove()
+    failed = model.nonfinite_samples
+    if failed > MAX_NONFINITE * n:
+        raise FloatingPointError(f"{model.name or type(model).__name__}: {failed} of {n} samples were non-finite "
+                                 f"(more than {MAX_NONFINITE:.1%}); their sampler diverged")
     timed = full[1:]
     med = statistics.median(timed) if timed else math.nan
     nfe = calls[0] if len(set(calls)) == 1 else statistics.fmean(calls)
-    speed = {"nfe": nfe, "nfe_declared": model.nfe(**sampler), "speed_batch": batch_size,
+    speed = {"nfe": nfe, "nfe_declared": model.nfe(**sampler), "nonfinite_samples": failed, "speed_batch": batch_size,
              "speed_repeats": len(timed), "sec_per_batch": med, "samples_per_sec": batch_size / med,
              "sec_per_sample": med / batch_size, "sample_seconds": total}
     return torch.cat(images), speed

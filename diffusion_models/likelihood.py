@@ -82,7 +82,10 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     """One draw per row from the categorical with unnormalised log-probabilities `logits`
     [..., L] (long [...]): inverse CDF with one uniform per row (torch.multinomial draws an
     exponential per category). Categories below exp(-80) of the row's largest have
-    probability 0 (a total-variation change below L * 1.8e-35)."""
+    probability 0 (a total-variation change below L * 1.8e-35). The arithmetic is fp32 (or
+    fp64) whatever the network ran in: in bf16 (8-bit mantissa) the cumulative sum and the
+    uniform draw would lose or quantise the levels below p ~ 2^-8."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     logits = logits - logits.amax(-1, keepdim=True)
     weights = torch.where(logits > _NEGLIGIBLE_LOG_PROB, logits, -math.inf).exp()
     cdf = weights.cumsum(-1)  # unnormalised; the last entry is the total

@@ -131,14 +131,19 @@ def solve(view: ODEView, x: torch.Tensor, lam0: float, lam1: float, settings: OD
 
 
 def log_density(view: ODEView, y: torch.Tensor, settings: ODESettings, divergence_estimator: str = "exact",
-                probes: int = 1, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                probes: int = 1, generator: torch.Generator | None = None,
+                probe_vectors: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """The ODE's continuous log-density of y [B, ...] at the data end, in nats, split as
     {'prior': log N(x(lam_prior); 0, I), 'flow': the divergence integral} (sum = log p(y)),
-    and the function evaluations used (the same for every example of the batch: one solve)."""
+    and the function evaluations used (the same for every example of the batch: one solve).
+    Hutchinson draws `probes` Rademacher vectors per example, or takes `probe_vectors`
+    [P, B, ...] as given (to solve the same estimate again at other tolerances)."""
     if divergence_estimator not in DIVERGENCES:
         raise ValueError(f"unknown divergence estimator '{divergence_estimator}'; available: {', '.join(DIVERGENCES)}")
     if divergence_estimator == "exact":
         vs = None
+    elif probe_vectors is not None:
+        vs = probe_vectors
     else:
         if probes < 1:
             raise ValueError(f"Hutchinson needs probes >= 1, got {probes}")
@@ -147,7 +152,7 @@ def log_density(view: ODEView, y: torch.Tensor, settings: ODESettings, divergenc
     (x_end, flow), nfe = solve(view, y, lam_data, lam_prior, settings,
                                lambda fn, z: divergence(fn, z, vs))
     prior = lk.normal_log_prob(x_end, torch.zeros_like(x_end), torch.zeros_like(x_end)).flatten(1).sum(1)
-    return {"prior": prior, "flow": flow}, nfe
+    return {"prior": prior, "flow": flow, **({"probe_vectors": vs} if vs is not None else {})}, nfe
 
 
 def dequantization_noise(kind: str, n: int, shape: tuple[int, ...], tau: float,
@@ -167,17 +172,31 @@ def dequantization_noise(kind: str, n: int, shape: tuple[int, ...], tau: float,
     raise ValueError(f"unknown dequantization '{kind}'; available: {', '.join(DEQUANTIZATIONS)}")
 
 
+def check_k_and_divergence(k: int, divergence_estimator: str) -> None:
+    """Hutchinson's estimate is unbiased for log p(y), but the K-sample bound takes a
+    log-mean-exp of p(y_k) / q(y_k): noise inside it biases the bound low (Jensen), so far that
+    it can fall below -log P(x). K > 1 needs the exact divergence."""
+    if k > 1 and divergence_estimator == "hutchinson":
+        raise ValueError(f"the ODE bound with K = {k} dequantization samples needs the exact divergence: "
+                         "Hutchinson noise inside the K-sample log-mean-exp biases the bound low (Jensen), "
+                         "below -log P(x) in expectation; use K = 1 or divergence exact (auto picks exact for K > 1)")
+
+
 def dequantized_nll(view: ODEView, x_int: torch.Tensor, levels: int, settings: ODESettings, *,
                     dequantization: str = "tn", k: int = 1, divergence_estimator: str = "exact",
-                    probes: int = 1, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-                    ) -> tuple[dict[str, torch.Tensor], int]:
+                    probes: int = 1, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                    check: ODESettings | None = None, check_n: int = 0,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Upper bound on -log P(x) (nats, [B]) for integer images x_int from the model's ODE
     density with K dequantization samples (module docstring). Terms: 'prior' and 'flow' (minus
     the ODE log-density, mean over the K samples), 'dequantization' (the rest: log q_y and the
-    importance-weighting gain); they sum to the bound. Also the function evaluations per example.
-    The ODE is solved in `dtype` (the model's)."""
+    importance-weighting gain); they sum to the bound. Also {'nfe': function evaluations per
+    example} and, with `check` (K = 1), 'solver_gap': the first `check_n` examples' bound minus
+    the same bound (the same dequantization draws and probes) solved at `check`'s tolerances,
+    nats [check_n]: the solver's error. The ODE is solved in `dtype` (the model's)."""
     if k < 1:
         raise ValueError(f"dequantization samples K must be >= 1, got {k}")
+    check_k_and_divergence(k, divergence_estimator)
     lam = torch.tensor(view.ode_logsnr_span()[0], dtype=torch.float64)
     alpha, sigma = torch.sigmoid(lam).sqrt().item(), torch.sigmoid(-lam).sqrt().item()
     tau = alpha / ((levels - 1) * sigma)
@@ -185,11 +204,25 @@ def dequantized_nll(view: ODEView, x_int: torch.Tensor, levels: int, settings: O
     x0 = lk.to_unit(x_int, levels).double().repeat(k, *([1] * len(shape)))  # [K*B], sample-major
     e, log_q = dequantization_noise(dequantization, k * b, shape, tau, generator, x_int.device)
     y = (alpha * x0 + sigma * e).to(dtype)
+    log_q_y = log_q - dims * math.log(sigma)
+
+    def bound_of(parts: dict[str, torch.Tensor], log_q_y: torch.Tensor) -> torch.Tensor:
+        log_w = (parts["prior"] + parts["flow"]).double() - log_q_y  # log p(y) / q_y(y)
+        return -(torch.logsumexp(log_w.view(k, -1), 0) - math.log(k))
+
     parts, nfe = log_density(view, y, settings, divergence_estimator, probes, generator)
-    log_w = (parts["prior"] + parts["flow"]).double() - (log_q - dims * math.log(sigma))  # log p(y) / q_y(y)
-    bound = -(torch.logsumexp(log_w.view(k, b), 0) - math.log(k))
+    bound = bound_of(parts, log_q_y)
     prior, flow = (-parts[n].double().view(k, b).mean(0) for n in ("prior", "flow"))
-    return {"prior": prior, "flow": flow, "dequantization": bound - prior - flow}, nfe
+    info: dict[str, object] = {"nfe": nfe}
+    if check is not None and check_n > 0:
+        if k != 1:
+            raise ValueError(f"the ODE solver check compares K = 1 bounds, got K = {k}")
+        n = min(check_n, b)
+        vs = parts.get("probe_vectors")
+        again, _ = log_density(view, y[:n], check, divergence_estimator, probes,
+                               probe_vectors=None if vs is None else vs[:, :n])
+        info["solver_gap"] = bound[:n] - bound_of(again, log_q_y[:n])
+    return {"prior": prior, "flow": flow, "dequantization": bound - prior - flow}, info
 
 
 def sample(view: ODEView, x: torch.Tensor, settings: ODESettings) -> tuple[torch.Tensor, int]:
@@ -200,10 +233,11 @@ def sample(view: ODEView, x: torch.Tensor, settings: ODESettings) -> tuple[torch
     return x_end, nfe
 
 
-def resolve_divergence(name: str, dims: int) -> str:
-    """'auto': exact up to EXACT_MAX_DIMS dimensions (D JVPs per evaluation), Hutchinson above."""
+def resolve_divergence(name: str, dims: int, k: int = 1) -> str:
+    """'auto': exact up to EXACT_MAX_DIMS dimensions (D JVPs per evaluation) and whenever K > 1
+    (check_k_and_divergence), Hutchinson otherwise."""
     if name == "auto":
-        return "exact" if dims <= EXACT_MAX_DIMS else "hutchinson"
+        return "exact" if dims <= EXACT_MAX_DIMS or k > 1 else "hutchinson"
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence estimator '{name}'; available: auto, {', '.join(DIVERGENCES)}")
     return name
@@ -215,21 +249,25 @@ class ProbabilityFlow:
     sampler (`ode_sample`, which the model's `sample` decodes like its other samplers' output)."""
 
     def ode_estimator(self, ocfg) -> tuple[str, dict]:
-        """(label, nll_terms kwargs) of the ODE bound under `ocfg` (config.ODEEvalConfig)."""
-        div = resolve_divergence(ocfg.divergence, self.dims)
+        """(label, nll_terms kwargs) of the ODE bound under `ocfg` (config.ODEEvalConfig); with
+        `ocfg.check_tol`, the solver check on its first `check_n` images (`dequantized_nll`)."""
+        div = resolve_divergence(ocfg.divergence, self.dims, ocfg.k)
+        check_k_and_divergence(ocfg.k, div)
         settings = ODESettings(ocfg.method, ocfg.rtol, ocfg.atol)
         probes = f", {ocfg.probes} probe{'s' if ocfg.probes > 1 else ''}" if div == "hutchinson" else ""
         subset = f", first {ocfg.n_test} test images" if ocfg.n_test is not None else ""
         label = (f"ODE ({settings.label()}, {div} divergence{probes}, {ocfg.dequantization} dequantization, "
                  f"K={ocfg.k}{subset})")
+        check = {} if ocfg.check_tol is None or ocfg.k != 1 else {
+            "check": ODESettings(ocfg.method, ocfg.check_tol, ocfg.check_tol), "check_n": ocfg.check_n}
         return label, {"ode": {"settings": settings, "divergence_estimator": div, "probes": ocfg.probes,
-                               "dequantization": ocfg.dequantization, "k": ocfg.k},
+                               "dequantization": ocfg.dequantization, "k": ocfg.k, **check},
                        "max_examples": ocfg.n_test, "batch_size": ocfg.batch_size}
 
     def ode_terms(self, x: torch.Tensor, settings: ODESettings, **kw) -> tuple[dict[str, torch.Tensor], dict]:
-        """The ODE bound's terms (nats [B]) and {'nfe': function evaluations per example}."""
-        terms, nfe = dequantized_nll(self, x, self.levels, settings, **kw)
-        return terms, {"nfe": nfe}
+        """The ODE bound's terms (nats [B]) and {'nfe': function evaluations per example, and
+        'solver_gap' with a solver check}."""
+        return dequantized_nll(self, x, self.levels, settings, **kw)
 
     @staticmethod
     def sampler_settings(rtol: float | None = None, atol: float | None = None) -> ODESettings:

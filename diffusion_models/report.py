@@ -62,7 +62,8 @@ def sampling_runs(samples: list[dict[str, Any]]) -> pd.DataFrame:
                              "headline": p["headline"], "dtype": p.get("precision", "fp32"),  # (precision: P/R's)
                              "n_samples": rec["n_samples"],
                              "reference_set": rec["references"][m["reference"]], "dataset": rec["dataset"],
-                             "device": rec["device"], **{k: p[k] for k in ("samples_per_sec", "sec_per_sample",
+                             "device": rec["device"], "nonfinite_samples": p.get("nonfinite_samples", 0),
+                             **{k: p[k] for k in ("samples_per_sec", "sec_per_sample",
                                                                            "speed_batch", "speed_repeats",
                                                                            "sample_seconds")},
                              **m, **{f"mem_{k}": v for k, v in p["memorisation"].items()}})

@@ -120,12 +120,9 @@ def die_with_parent() -> bool:
     return ok
 
 
-BF16_MIN_SPEEDUP = 1.5  # `auto` samples in bf16 where the bf16 matmul is at least this much faster
-
-
 def matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     """This CPU's matmul rate in `dtype` (FLOP/s): the best of `repeats` n x n GEMMs after one
-    warm-up."""
+    warm-up (the benchmarks' peak; no setting is ever chosen from it)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
     best = math.inf
@@ -134,25 +131,6 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-def bf16_matmul_speedup() -> float:
-    """This CPU's bf16 matmul rate over its fp32 rate: 4.1x on the AMD EPYC development
-    machine (AVX-512 bf16), 0.6x on an Intel Xeon whose bf16 runs without AMX; far from 1 on
-    both, so the choice `auto` makes from it is stable."""
-    return matmul_flops(torch.bfloat16) / matmul_flops(torch.float32)
-
-
-def sampling_precision(setting: str, device: torch.device) -> tuple[str, float | None]:
-    """(precision, measured bf16 matmul speed-up or None): `setting` fp32 or bf16 as given;
-    auto: bf16 on a CUDA device that supports it, and on a CPU whose bf16 matmul measures at
-    least BF16_MIN_SPEEDUP times its fp32 one, else fp32."""
-    if setting != "auto":
-        return setting, None
-    if device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), None
-    ratio = bf16_matmul_speedup()
-    return ("bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"), ratio
 
 
 @contextlib.contextmanager

@@ -73,7 +73,7 @@ def test_load_params_errors_name_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"sample": {"precision": "fp16"}}, "sample.precision must be 'fp32', 'bf16' or 'auto'"),
+    ({"sample": {"precision": "fp16"}}, "sample.precision must be 'fp32' or 'bf16'"),
     ({"train": {"workers": -1}}, r"train\.workers must be >= 0"),
     ({"evaluate": {"ode": {"batch_size": 0}}}, r"evaluate\.ode\.batch_size must be > 0"),
 ])

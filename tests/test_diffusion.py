@@ -225,7 +225,19 @@ def test_matching_weights_equal_the_vlb_kl(name):
         kl = m.step_term(x0, x_t, t, mean, logvar)
         assert torch.allclose(kl, lam[step] * delta**2 * 64 * torch.ones(3, dtype=torch.double),
                               rtol=1e-6), (step, kl, lam[step] * delta**2 * 64)
-    assert m.t_probs[:2].sum() == 0 and m.t_probs.sum().item() == pytest.approx(1.0)
+    # t = 1: the decoder term (continuous density here) -log N(x0; x0_hat, var), whose excess
+    # over the exact prediction is the same lambda(1) delta^2 per dimension
+    t = torch.ones(3, dtype=torch.long)
+    x_t = m.q_sample(x0, t, eps)
+    exact = x0 if name == "ddpm_x0" else -eps / (1 - m.alpha_bar[1]).sqrt()
+    nll = [m.step_term(x0, x_t, t, *m.mean_logvar(exact + d, x_t, t)) for d in (delta, 0.0)]
+    assert torch.allclose(nll[0] - nll[1], lam[1] * delta**2 * 64 * torch.ones(3, dtype=torch.double), rtol=1e-6)
+    # every time the bound and the samplers use is trained, t = 1 (L_0, the last step) too
+    assert m.t_probs[0] == 0 and m.t_probs[1] > 0 and (m.t_probs[1:] > 0).all()
+    assert m.t_probs.sum().item() == pytest.approx(1.0)
+    assert m.t_probs[1].item() == pytest.approx(m.t_probs[2].item() * (lam[1] / lam[2]).item()
+                                                * (m.skip_and_scale(m.alpha_bar[1:3])[1] ** 2).div(
+                                                    m.skip_and_scale(m.alpha_bar[1:3])[1][1] ** 2)[0].item(), rel=1e-4)
 
 
 def test_x0_preconditioning_skip_is_the_wiener_denoiser():

@@ -175,3 +175,27 @@ def test_actnorm_init_is_data_dependent_once_and_saved(tmp_path):
     models.save(m, tmp_path / "f.pt")
     m2, _ = models.load(tmp_path / "f.pt")
     assert bool(m2.initialized) and torch.equal(m2.flow.layers[0].bias, first.bias)
+
+
+def test_failed_inverse_passes_are_counted_and_fail_above_the_threshold():
+    """A non-finite inverse pass is not silently a valid-looking image: draw_samples counts it
+    (nonfinite_samples), and more than MAX_NONFINITE of the samples failing is an error."""
+    from diffusion_models.evaluate import MAX_NONFINITE, draw_samples
+
+    m = models.build("flow", shape=(1, 4, 4), levels=17)
+    inverse = m.flow
+
+    class Failing(torch.nn.Module):  # the first sample of every call diverges
+        def forward(self, z, reverse=False):
+            y = inverse(z, reverse=reverse)
+            return torch.cat([torch.full_like(y[:1], float("nan")), y[1:]]) if reverse else y
+
+    m.flow = Failing()
+    n = 2000
+    assert 2 <= MAX_NONFINITE * n  # two failed calls of 1000: at the threshold, counted
+    images, speed = draw_samples(m, n, 1000, torch.Generator().manual_seed(0))
+    assert speed["nonfinite_samples"] == 2 and images.shape == (n, 1, 4, 4)
+    with pytest.raises(FloatingPointError, match="1 of 8 samples were non-finite"):
+        draw_samples(m, 8, 8, torch.Generator().manual_seed(0))
+    m.flow = inverse
+    assert draw_samples(m, 8, 8, torch.Generator().manual_seed(0))[1]["nonfinite_samples"] == 0

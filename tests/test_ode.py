@@ -216,7 +216,7 @@ def test_ode_bound_is_solved_in_its_own_batches():
     for batch in (4, 8):
         ecfg = config.EvalConfig(t_samples=4, batch_size=8)
         ecfg.ode.rtol = ecfg.ode.atol = 1e-2
-        ecfg.ode.n_test, ecfg.ode.batch_size = 6, batch
+        ecfg.ode.n_test, ecfg.ode.batch_size, ecfg.ode.check_tol = 6, batch, None
         label, kwargs = m.estimators(ecfg)[-1]
         assert label.startswith("ODE") and kwargs["batch_size"] == batch
         per_batch[batch] = evaluate_bounds(m, x, ecfg, per_example=True)[label]["per_example_bpd"]
@@ -276,3 +276,59 @@ def test_ode_config_errors_name_the_key():
         config.parse({"evaluate": {"ode": {"tol": 1e-3}}})
     with pytest.raises(config.ConfigError, match="sample.ode_tolerances"):
         config.parse({"sample": {"ode_tolerances": [0.0]}})
+
+
+def test_k_sample_bound_with_hutchinson_is_biased_low_so_it_is_refused():
+    """Hutchinson is unbiased for log p(y), but inside the K-sample log-mean-exp its noise biases
+    the bound low (Jensen). A ddpm with a random U-Net (a Jacobian with off-diagonal terms: for a
+    diagonal one, as the oracles', Rademacher probes are exact), K = 16, the same dequantization
+    draws: the Hutchinson version's mean over 8 probe draws lies more than 3 SE below the
+    exact-divergence bound, so the combination is refused (ode.py and config alike) and `auto`
+    takes the exact divergence for K > 1."""
+    torch.manual_seed(0)
+    m = models.build("ddpm", shape=SHAPE, levels=LEVELS, T=40, width=8).eval()
+    for p in m.net.parameters():
+        nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(0)
+    b, k, reps, settings = 2, 16, 8, ode.ODESettings("dopri5", 1e-2, 1e-2)
+    x = torch.randint(0, LEVELS, (b, *SHAPE), generator=g)
+    lam = torch.tensor(m.ode_logsnr_span()[0], dtype=torch.float64)
+    alpha, sigma = torch.sigmoid(lam).sqrt().item(), torch.sigmoid(-lam).sqrt().item()
+    e, log_q = ode.dequantization_noise("tn", k * b, SHAPE, alpha / ((LEVELS - 1) * sigma), g, "cpu")
+    y = (alpha * lk.to_unit(x, LEVELS).double().repeat(k, 1, 1, 1) + sigma * e).float()
+    log_q_y = log_q - 16 * math.log(sigma)
+
+    def bound(parts, r):  # -log (1/K) sum_k p(y_k) / q(y_k): [r, B]
+        log_w = (parts["prior"] + parts["flow"]).double().view(r, k, b) - log_q_y.view(1, k, b)
+        return -(torch.logsumexp(log_w, 1) - math.log(k))
+
+    exact = bound(ode.log_density(m, y, settings, "exact")[0], 1)[0]  # [B]
+    hutch = bound(ode.log_density(m, y.repeat(reps, 1, 1, 1), settings, "hutchinson", 1, g)[0], reps)  # [reps, B]
+    gap = (hutch - exact).mean(1)  # [reps]: per probe draw, the mean over images
+    assert gap.mean() < -3 * gap.std() / math.sqrt(reps), gap
+    with pytest.raises(ValueError, match="K = 16 dequantization samples needs the exact divergence"):
+        ode.dequantized_nll(m, x, LEVELS, settings, k=16, divergence_estimator="hutchinson", dtype=torch.float64)
+    with pytest.raises(config.ConfigError, match="evaluate.ode.k = 16 needs evaluate.ode.divergence exact"):
+        config.parse({"evaluate": {"ode": {"k": 16, "divergence": "hutchinson"}}})
+    ocfg = config.parse({"evaluate": {"ode": {"k": 16, "divergence": "auto"}}}).evaluate.ode
+    label, kw = models.build("ddpm", shape=(1, 28, 28), levels=256).ode_estimator(ocfg)
+    assert kw["ode"]["divergence_estimator"] == "exact" and "exact divergence" in label
+
+
+def test_solver_check_is_the_same_draws_solved_at_tighter_tolerances():
+    """The solver check's gap equals the bound at rtol = atol = 1e-2 minus the bound at 1e-5
+    computed separately from the same generator state (same dequantization draws and probes),
+    up to the tight solves' own error (the check solves only its 3 images, which take other
+    adaptive steps than all 5)."""
+    m = categorical_model("iddpm", torch.softmax(torch.randn(16, LEVELS, generator=torch.Generator().manual_seed(0),
+                                                             dtype=torch.float64), -1))
+    x = torch.randint(0, LEVELS, (5, *SHAPE), generator=torch.Generator().manual_seed(1))
+    loose, tight = ode.ODESettings("dopri5", 1e-2, 1e-2), ode.ODESettings("dopri5", 1e-5, 1e-5)
+    kw = {"dequantization": "tn", "divergence_estimator": "hutchinson", "dtype": torch.float64}
+    terms, info = ode.dequantized_nll(m, x, LEVELS, loose, generator=torch.Generator().manual_seed(7),
+                                      check=tight, check_n=3, **kw)
+    want = [sum(ode.dequantized_nll(m, x, LEVELS, st, generator=torch.Generator().manual_seed(7), **kw)[0].values())
+            for st in (loose, tight)]
+    assert torch.allclose(sum(terms.values()), want[0], rtol=1e-12)
+    assert torch.allclose(info["solver_gap"], (want[0] - want[1])[:3], rtol=0, atol=2e-3)
+    assert info["solver_gap"].abs().max() > 0  # the loose solve carries an error the check sees

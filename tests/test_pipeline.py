@@ -22,7 +22,7 @@ TINY = {
     "features": {"inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
                "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]},
-               "ode_tolerances": [1e-2], "precision": "bf16"},  # bf16 on every machine (auto: per machine)
+               "ode_tolerances": [1e-2], "precision": "bf16"},  # bf16 when asked: on every machine
     "compare": {"allow_unmatched": True},  # tiny models of different sizes
     "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
@@ -267,6 +267,14 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "ddpm seed 0: kept" in out and "evaluate ddpm: checkpoints, data, settings and code unchanged" in out
     assert "sample ddpm: checkpoints, references, settings and code unchanged" in out
     assert before == {m: (results / "eval" / f"{m}.json").read_bytes() for m in ("baseline", "ddpm")}
+    # a helper module of the sample stage changes (one dvc.yaml lists, not one the stage's record
+    # names itself): DVC reruns the sample stages and each recomputes its record, none is kept
+    code_before = json.loads((results / "sample" / "ddpm.json").read_text())["inputs"]["code_sha1"]
+    with open(tmp_path / "diffusion_models" / "pipeline" / "features.py", "a") as f:
+        f.write("# an edit of a helper of the sample stage\n")
+    out = sh("dvc", "repro")
+    assert "record kept" not in out and "sample ddpm: the network in" in out, out
+    assert json.loads((results / "sample" / "ddpm.json").read_text())["inputs"]["code_sha1"] != code_before
     # one model's override changes: only that model's stages (and compare) are stale
     params = {**TINY, "models": {**TINY["models"], "vae": {"width": 8, "latent_dim": 4}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -295,3 +303,27 @@ def test_training_and_selection_never_read_the_test_split(tmp_path, monkeypatch,
     assert code == 2 and "missing prepared data" in err and "test.npz" in err
     table = pd.read_csv(tmp_path / "results" / "selection" / "vae-latent_dim.csv")
     assert sorted(set(table["latent_dim"])) == [4, 8] and (table["val_bpd"] > 0).all()
+
+
+def test_fid_reference_statistics_are_keyed_by_the_reference_images(tmp_path, monkeypatch, capsys):
+    """Another validation split (data.split_seed) changes the training reference's images: the
+    features stage then caches (and the sample stage reads) statistics under a new name, never
+    the old split's; the test reference, drawn whatever split_seed, keeps its cache."""
+    from diffusion_models import quality
+    from diffusion_models.pipeline.features import cache_name
+
+    a = quality.ImageSet(torch.zeros(4, 1, 8, 8, dtype=torch.long), 17)
+    b = quality.ImageSet(torch.tensor([0, 0, 0, 1]).view(4, 1, 1, 1).expand(4, 1, 8, 8).long(), 17)
+    assert cache_name(a, "train", "f" * 64) == cache_name(quality.ImageSet(torch.zeros(4, 1, 8, 8).long(), 17),
+                                                          "train", "f" * 64)
+    assert cache_name(a, "train", "f" * 64) != cache_name(b, "train", "f" * 64)  # one pixel of one image
+    assert cache_name(a, "train", "f" * 64) != cache_name(a, "train", "e" * 64)  # another feature space
+    names = []
+    for split_seed in (0, 1):
+        params = {**TINY, "data": {"name": "digits", "split_seed": split_seed}}
+        for argv in (["prepare"], ["features"]):
+            assert run_cli(tmp_path, monkeypatch, capsys, params, *argv)[0] == 0
+        names.append({p.name for p in (tmp_path / "results" / "features" / "reference").iterdir()})
+    new = names[1] - names[0]
+    assert new and all(n.split("-")[0].endswith("train") for n in new), (names, new)
+    assert {n for n in names[0] if "test-" in n} <= names[1]

@@ -30,6 +30,9 @@ class Model(nn.Module):
         self.levels = int(levels)
         self.cfg = cfg
         self.name = ""  # set by models.build
+        # samples `sample` could not compute (non-finite output, replaced by a constant image):
+        # counted here by models whose sampler can fail; evaluate.draw_samples reports them
+        self.nonfinite_samples = 0
 
     @property
     def dims(self) -> int:

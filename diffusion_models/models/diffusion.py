@@ -459,7 +459,10 @@ class _VLBMatching(GaussianDiffusion):
         if cfg.sigma_data <= 0:
             raise ValueError(f"{type(self).__name__}: sigma_data must be > 0, got {cfg.sigma_data}")
         weights = self.vlb_weight().double() * self.skip_and_scale(self.alpha_bar.double())[1] ** 2
-        weights[:2] = 0.0  # t = 0 (unused), t = 1 (the decoder term)
+        # t = 0 is not a time. t = 1 is trained like the others: there the bound's term is the
+        # decoder L_0, a discretized Gaussian of variance exp(log_post_var[1]) around x0_hat, whose
+        # Gaussian surrogate weighs x0 errors by coef_x0(1)^2 / (2 var): x0_weight()[1], finite
+        weights[0] = 0.0
         self.register_buffer("t_probs", (weights / weights.sum()).float(), persistent=False)
 
     def skip_and_scale(self, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

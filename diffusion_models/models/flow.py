@@ -368,4 +368,6 @@ class NormalizingFlow(Model):
         self.check_sampler(sampler, steps, options)
         eps = torch.randn(n, self.dims, generator=generator, device=self.device)
         y = self.flow(eps, reverse=True)  # [n,C,H,W]
-        return lk.from_unit(torch.nan_to_num(y), self.levels)
+        bad = ~torch.isfinite(y).flatten(1).all(1)  # a failed inverse pass: counted, never hidden
+        self.nonfinite_samples += int(bad.sum())
+        return lk.from_unit(torch.where(bad.view(-1, 1, 1, 1), 0.0, y), self.levels)

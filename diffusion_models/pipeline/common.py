@@ -3,6 +3,7 @@ that a stage whose inputs have not changed rewrites nothing."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 
 from .. import data, models
 from ..config import Config
@@ -28,12 +30,37 @@ REFERENCE_CACHE = FEATURES / "reference"
 SAMPLE_RECORDS = RESULTS / "sample"
 GRIDS = RESULTS / "samples"
 
-# The modules whose code can change a stage's numbers (beside the model's own class modules,
-# models/base.py and models/__init__.py): what the stage's run keys hash and dvc.yaml lists.
-TRAIN_SOURCES = ("nets.py", "likelihood.py", "train.py", "config.py", "pipeline/train.py")
-EVAL_SOURCES = ("nets.py", "likelihood.py", "evaluate.py", "pipeline/evaluate.py")
-SAMPLE_SOURCES = ("nets.py", "likelihood.py", "samplers.py", "evaluate.py", "quality.py", "memorisation.py",
-                  "pipeline/sample.py")
+# dvc.yaml is the one list of what a stage depends on: a record or checkpoint a stage keeps was
+# made by exactly the package files that dvc.yaml lists for it (stage_sources), so DVC reruns a
+# stage exactly when its kept results would be stale.
+DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"  # the repository this package is in
+PACKAGE = "diffusion_models/"
+MODELS_DIR = PACKAGE + "models"  # per model: only its own modules (model_sources)
+
+
+@functools.cache
+def stage_sources(stage: str) -> tuple[str, ...]:
+    """The package files (relative to the package) that dvc.yaml lists as dependencies of
+    `stage` (a per-model stage's `do` block); a listed folder stands for every file in it. The
+    models folder is left out: a per-model stage hashes its own model's modules instead."""
+    if not DVC_YAML.is_file():
+        raise StageError(f"no {DVC_YAML.name} beside the package ({DVC_YAML}): the pipeline's stages "
+                         "run from the repository")
+    stages = yaml.safe_load(DVC_YAML.read_text())["stages"]
+    if stage not in stages:
+        raise StageError(f"{DVC_YAML} has no stage '{stage}'")
+    spec = stages[stage].get("do", stages[stage])
+    root = DVC_YAML.parent
+    out: set[str] = set()
+    for dep in spec.get("deps", []):
+        if not dep.startswith(PACKAGE) or dep.rstrip("/") == MODELS_DIR:
+            continue
+        path = root / dep
+        files = sorted(f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
+            if path.is_dir() else [path]
+        out |= {f.relative_to(root / PACKAGE).as_posix() for f in files}
+    return tuple(sorted(out))
+
 
 RUN_FIELDS = ("seed", "fraction", "images_seen", "train_flops")  # what identifies a checkpoint in records
 
@@ -90,16 +117,17 @@ def checkpoint_path(name: str, seed: int, fraction: float) -> Path:
     return CHECKPOINTS / name / f"seed{seed}-{fraction * 100:g}pct.pt"
 
 
-def model_sources(name: str, extra: tuple[str, ...]) -> list[str]:
+def model_sources(name: str, stage: str) -> list[str]:
     """Package-relative source files whose code defines model `name` (its class and base
-    classes, the registry) plus `extra`: what a run key hashes."""
+    classes, the registry) plus what dvc.yaml lists for `stage`: what a run key hashes."""
     own = {c.__module__.removeprefix("diffusion_models.").replace(".", "/") + ".py"
            for c in models.get(name).__mro__ if c.__module__.startswith("diffusion_models.")}
-    return sorted(own | {"models/__init__.py", "models/base.py"} | set(extra))
+    return sorted(own | {"models/__init__.py", "models/base.py"} | set(stage_sources(stage)))
 
 
-def code_digest(name: str, extra: tuple[str, ...]) -> str:
-    return source_digest(tuple(model_sources(name, extra)))
+def code_digest(name: str, stage: str) -> str:
+    """SHA-1 of the code a per-model stage's results for model `name` are made by."""
+    return source_digest(tuple(model_sources(name, stage)))
 
 
 def file_sha1(path: str | Path) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from ..config import Config
 from ..evaluate import evaluate_bounds
 from ..runtime import device_label, versions, write_json
-from .common import (EVAL_RECORDS, EVAL_SOURCES, METRICS, PREPARED, RUN_FIELDS, code_digest, file_sha1, load_model, setup_torch,
+from .common import (EVAL_RECORDS, METRICS, PREPARED, RUN_FIELDS, code_digest, file_sha1, load_model, setup_torch,
                      split, to_tensor, train_record, unchanged, write_record)
 
 
@@ -22,7 +22,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     path = EVAL_RECORDS / f"{name}.json"
     inputs = {"checkpoints": {r["checkpoint"]: file_sha1(r["checkpoint"]) for r in runs},
               "test_sha1": file_sha1(PREPARED / "test.npz"), "eval_config": dataclasses.asdict(cfg.evaluate),
-              "code_sha1": code_digest(name, EVAL_SOURCES), "device": device_label(dev)}
+              "code_sha1": code_digest(name, "evaluate"), "device": device_label(dev)}
     if unchanged(path, inputs):
         print(f"evaluate {name}: checkpoints, data, settings and code unchanged; record kept")
         return {}
@@ -32,8 +32,10 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
         model = load_model(cfg, name, dev, run["checkpoint"])
         final = run["fraction"] == 1.0
         ks = [cfg.evaluate.sweep_iwae_k] + ([cfg.evaluate.iwae_k] if final else [])
-        ecfg = cfg.evaluate if final else dataclasses.replace(  # the ODE bound: final checkpoints only
-            cfg.evaluate, ode=dataclasses.replace(cfg.evaluate.ode, enabled=False))
+        first = final and run["seed"] == runs[0]["seed"]
+        ode = dataclasses.replace(cfg.evaluate.ode, enabled=final and cfg.evaluate.ode.enabled,  # final only;
+                                  check_tol=cfg.evaluate.ode.check_tol if first else None)  # check: first seed
+        ecfg = dataclasses.replace(cfg.evaluate, ode=ode)
         bounds = evaluate_bounds(model, x, ecfg, iwae_ks=ks, per_example=final)
         out.append({**{k: run[k] for k in RUN_FIELDS}, "bounds": bounds})
         for label, b in bounds.items():

@@ -3,6 +3,7 @@ held-out test split) and the `train-classifier` command that makes the shipped c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,14 @@ def extractors(cfg: Config) -> dict[str, tuple[Path | None, str, str | None]]:
     return out
 
 
-def cache_name(cfg: Config, reference: str, digest: str | None) -> str:
-    """torch-fidelity cache name of a reference split's features in one extractor's weights."""
-    return f"{cfg.data.name}-{reference}" + (f"-{digest[:12]}" if digest else "")
+def cache_name(images: quality.ImageSet, reference: str, digest: str | None) -> str:
+    """torch-fidelity cache name of a reference set's features in one extractor's weights,
+    keyed by the images' content (SHA-1 of their uint8 RGB pixels and shape) and the weights'
+    SHA-256: torch-fidelity reuses a cache it finds under that name, so another split (another
+    data.split_seed or val_size) or another feature space can never read stale statistics."""
+    pixels = images.images.contiguous().numpy()
+    content = hashlib.sha1(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    return f"{reference}-{content[:16]}" + (f"-{digest[:12]}" if digest else "")
 
 
 def images_of(cfg: Config, name: str) -> quality.ImageSet:
@@ -59,7 +65,8 @@ def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
             print(f"{name}: {st}")
             continue
         for ref in REFERENCES:
-            images, cname = images_of(cfg, ref), cache_name(cfg, ref, digest)
+            images = images_of(cfg, ref)
+            cname = cache_name(images, ref, digest)
             self_fid = quality.fidelity_metrics(  # fills the cache; one feature pass (input1 reads input2's)
                 images, images, extractor=name, weights=path, cache_root=REFERENCE_CACHE, cache_name=cname,
                 device=dev, kid_subset_size=cfg.sample.kid_subset_size, kid_subsets=2,

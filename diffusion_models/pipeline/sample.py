@@ -12,8 +12,8 @@ from .. import data, models, quality
 from ..config import Config
 from ..evaluate import draw_samples
 from ..memorisation import memorisation
-from ..runtime import device_label, sampling_precision, versions, write_json
-from .common import (GRIDS, METRICS, PREPARED, RUN_FIELDS, SAMPLE_RECORDS, SAMPLE_SOURCES, REFERENCE_CACHE,
+from ..runtime import device_label, versions, write_json
+from .common import (GRIDS, METRICS, PREPARED, RUN_FIELDS, SAMPLE_RECORDS, REFERENCE_CACHE,
                      StageError, code_digest, file_sha1, load_model, setup_torch, split, train_record, unchanged,
                      write_record)
 from .features import REFERENCES, cache_name, extractors, images_of
@@ -32,13 +32,13 @@ def _ode_kwargs(tol: float) -> dict[str, Any]:
     return {"sampler": "ode", "steps": None, "rtol": tol, "atol": tol}
 
 
-def sampler_points(cfg: Config, model: models.Model, precision: str = "fp32",
-                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
     own default when it has no such sampler), and the grid's settings the model supports, the
     headline first (kwargs for `draw_samples`: `Model.sample`'s and, for models with a network,
-    its `precision`, the resolved `sample.precision`; the headline's twin in the other precision
-    comes second: the precision check)."""
+    its `precision`, `sample.precision`; the headline's twin in the other precision comes
+    second: the precision check). Settings only: nothing here measures the machine, so the
+    same params give the same points everywhere."""
     from ..samplers import SOLVERS
 
     known = ("ancestral", *SOLVERS)  # `ode` is not a grid key: sample.ode_tolerances
@@ -57,6 +57,7 @@ def sampler_points(cfg: Config, model: models.Model, precision: str = "fp32",
     if model.nfe_module() is None:  # no network: nothing runs in a precision
         return headline, grid
     # the network in `precision`, but the adaptive ODE solver's error control in fp32
+    precision = cfg.sample.precision
     grid = [{**kw, "precision": "fp32" if kw.get("sampler") == "ode" else precision} for kw in grid]
     other = "fp32" if precision == "bf16" else "bf16"  # the check: the headline in the other precision
     grid.insert(1, {**grid[0], "precision": other})
@@ -101,14 +102,12 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     inputs = {"checkpoints": {r["checkpoint"]: file_sha1(r["checkpoint"]) for r in runs},
               "data_sha1": {r: file_sha1(PREPARED / f"{r}.npz") for r in REFERENCES},
               "extractors": {e: [p.name if p else None, st, d] for e, (p, st, d) in spaces.items()},
-              "sample_config": dataclasses.asdict(s), "code_sha1": code_digest(name, SAMPLE_SOURCES),
+              "sample_config": dataclasses.asdict(s), "code_sha1": code_digest(name, "sample"),
               "device": device_label(dev)}
     if unchanged(path, inputs):
         print(f"sample {name}: checkpoints, references, settings and code unchanged; record kept")
         return {}
-    precision, bf16_speedup = sampling_precision(s.precision, dev)
-    print(f"sample {name}: the network in {precision} (sample.precision={s.precision}"
-          + (f"; bf16 matmul {bf16_speedup:.2f}x fp32 here" if bf16_speedup is not None else "") + ")", flush=True)
+    print(f"sample {name}: the network in {s.precision} (sample.precision)", flush=True)
     refs = {r: images_of(cfg, r) for r in REFERENCES}
     memorised = _Memorisation(cfg, spaces[quality.CLASSIFIER][0])
     tm_fid = {e: quality.torchmetrics_fid_against(refs["train"], extractor=e, weights=p, device=dev)
@@ -116,7 +115,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     results = []
     for run in runs:
         model = load_model(cfg, name, dev, run["checkpoint"])
-        headline, grid = sampler_points(cfg, model, precision)
+        headline, grid = sampler_points(cfg, model)
         first = run["seed"] == runs[0]["seed"] and run["fraction"] == 1.0
         for kw in grid if first else [headline]:
             gen = torch.Generator(device=dev).manual_seed(s.seed + run["seed"])
@@ -134,7 +133,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                     if weights is not None:
                         row.update(quality.fidelity_metrics(
                             samples, refs[ref], extractor=extractor, weights=weights, cache_root=REFERENCE_CACHE,
-                            cache_name=cache_name(cfg, ref, digest), device=dev,
+                            cache_name=cache_name(refs[ref], ref, digest), device=dev,
                             kid_subset_size=s.kid_subset_size, kid_subsets=s.kid_subsets,
                             prc_neighborhood=s.prc_neighborhood, seed=s.seed))
                         if ref == "train":  # the same FID by a second library
@@ -157,7 +156,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     record = {"model": name, "dataset": cfg.data.name, "n_samples": n,
               "references": {r: f"{r} split ({len(refs[r])} images)" for r in REFERENCES}, "points": results,
               "device": device_label(dev), "sample_config": dataclasses.asdict(s),
-              "precision": {"setting": s.precision, "resolved": precision, "bf16_matmul_speedup": bf16_speedup},
+              "precision": s.precision,
               "versions": versions(),
               "inputs": inputs}
     write_record(path, record)

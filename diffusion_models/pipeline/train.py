@@ -21,7 +21,7 @@ from ..runtime import (device_label, intra_op_threads, read_json, seed_everythin
                        write_text)
 from ..train import Resume, run_key, snapshot_steps
 from ..train import train as fit
-from .common import (CHECKPOINTS, LIVE, METRICS, PREPARED, RESUME, TRAIN_RECORDS, TRAIN_SOURCES, checkpoint_path,
+from .common import (CHECKPOINTS, LIVE, METRICS, PREPARED, RESUME, TRAIN_RECORDS, checkpoint_path,
                      code_digest, in_workers, model_overrides, parallel_runs, run_seeds, setup_torch, split,
                      to_tensor, write_record)
 
@@ -165,7 +165,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     images = to_tensor(train_ds, dev)
-    seeds, code = run_seeds(cfg), code_digest(name, TRAIN_SOURCES)
+    seeds, code = run_seeds(cfg), code_digest(name, "train")
     probe = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
     trainable = any(p.requires_grad for p in probe.parameters())
     fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
