@@ -152,7 +152,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+    from . import NUMERICS
+
+    out = {"python": platform.python_version(), "processor": processor(),
+           **{key: os.environ.get(key, "unset") for key in NUMERICS}}
     for pkg in PACKAGES:
         try:
             out[pkg] = metadata.version(pkg)

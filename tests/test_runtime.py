@@ -138,3 +138,22 @@ def test_parallel_runs_share_the_threads(device, world, threads, runs, workers, 
     cfg = parse({"train": {"workers": workers}})
     with intra_op_threads(threads):
         assert parallel_runs(cfg, runs, torch.device(device), world) == expected
+
+
+def test_mkl_and_onednn_run_the_same_code_path_on_every_x86_processor():
+    """Importing the package pins MKL's reproducibility mode (COMPATIBLE: one code path on Intel
+    and AMD processors) and caps oneDNN's instruction set before torch's first GEMM: a GEMM
+    in a fresh process reports CNR:COMPATIBLE (MKL_VERBOSE), and a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import diffusion_models, torch, os; a = torch.randn(64, 64); a @ a; "
+            "print('ISA', os.environ['ONEDNN_MAX_CPU_ISA'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MKL_VERBOSE": "1"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert "CNR:COMPATIBLE" in out and "ISA AVX512_CORE_BF16" in out, out
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MKL_VERBOSE": "1", "MKL_CBWR": "AUTO"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "CNR:COMPATIBLE" not in out and "CNR:" in out, out

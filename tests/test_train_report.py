@@ -105,7 +105,9 @@ def _records():
                        "seeds": list(SEEDS), "fractions": list(fr), "n_train": 1500, "n_test": 297, "levels": 17,
                        "shape": [1, 8, 8], "batch_size": 128, "versions": {"torch": "x"}, "runs": runs})
         ests = ["exact"] if m == "baseline" else ["ELBO", "IWAE-2", "IWAE-10"]
+        head = (lambda r: "exact") if m == "baseline" else (lambda r: "IWAE-10" if r["fraction"] == 1.0 else "IWAE-2")
         evals.append({"model": m, "runs": [{**{k: r[k] for k in ("seed", "fraction", "images_seen", "train_flops")},
+                                            "headline": head(r), "sweep_estimator": "exact" if m == "baseline" else "IWAE-2",
                                             "bounds": {e: {"bpd": (v := _bpd(m, e, r["seed"], r["fraction"])),
                                                            "bpd_se": 0.01 * (1 + r["seed"]),
                                                            "nats": v * 64 * math.log(2), "nats_se": 0.1,
@@ -150,13 +152,41 @@ def _tables_of(trains, evals, samples):
     return trains, runs, nll_runs, sampling, report.comparison_table(runs, matched)
 
 
+def test_tables_report_the_declared_headline_bound_not_the_lowest():
+    """A noisy estimator that happens to come out lowest (here the ELBO, made up below IWAE-10 on
+    average over seeds) does not take the headline: the tables report the declared one, in every run."""
+    trains, evals, samples = _records()
+    vae = next(e for e in evals if e["model"] == "vae")
+    for run in vae["runs"]:
+        run["bounds"]["ELBO"]["bpd"] = run["bounds"]["IWAE-10" if run["fraction"] == 1.0 else "IWAE-2"]["bpd"] - (
+            0.05 if run["seed"] >= 1 else -0.05)  # lower on average over seeds
+    runs, comp = _tables_of(trains, evals, samples)[1], _tables_of(trains, evals, samples)[4]
+    final = runs[(runs["model"] == "vae") & (runs["fraction"] == 1.0)]
+    assert (final["bpd_estimator"] == "IWAE-10").all()
+    assert list(final["bpd"]) == pytest.approx([_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS])
+    assert (runs[runs["model"] == "vae"]["sweep_estimator"] == "IWAE-2").all()
+    assert comp.set_index("model").loc["vae", "bpd_estimator"] == "IWAE-10"
+
+
+def test_every_model_declares_a_headline_among_its_estimators():
+    from diffusion_models import models
+    from diffusion_models.config import EvalConfig
+
+    for name in models.names():
+        m = models.build(name, shape=(1, 4, 4), levels=17, **({"T": 40} if name.startswith(("ddpm", "iddpm")) else {}))
+        for ecfg in (EvalConfig(), EvalConfig(iwae_k=1)):
+            labels = [label for label, _ in m.estimators(ecfg)]
+            head = m.headline_estimator(ecfg)
+            assert head in labels and not head.startswith("ODE"), (name, head)  # on the whole test split
+
+
 def test_tables_report_mean_and_std_over_seeds_of_the_per_seed_numbers():
     import statistics
 
     trains, runs, nll_runs, sampling, comp = _tables()
     assert len(runs) == 3 + 6 and len(sampling) == 4 * (3 + 6 + 1)  # 2 extractors x 2 references
     row = comp.set_index("model").loc["vae"]
-    bpd = [_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS]  # the tightest estimator at 100%
+    bpd = [_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS]  # the declared headline estimator at 100%
     fid = [_fid("vae", s, 1.0, 1) for s in SEEDS]         # the headline sampler, not the grid
     assert row["bpd_estimator"] == "IWAE-10" and row["seeds"] == 3
     assert row["bpd"] == pytest.approx(statistics.mean(bpd)) and row["bpd_std"] == pytest.approx(statistics.stdev(bpd))

@@ -80,6 +80,11 @@ class Model(nn.Module):
         per nll_terms call with it (else `evaluate.batch_size`); neither is passed to nll_terms."""
         raise NotImplementedError
 
+    def headline_estimator(self, ecfg: Any) -> str:
+        """The label (one of `estimators(ecfg)`) of the bound this model's tables report: declared
+        in advance by the protocol, never the minimum over noisy estimators (a winner's curse)."""
+        raise NotImplementedError
+
     def sample(self, n: int, generator: torch.Generator | None = None, sampler: str = "ancestral",
                steps: int | None = None, **options: Any) -> torch.Tensor:
         """n integer images [n,C,H,W] in {0..L-1}, drawn with `sampler` (one of `samplers`)

@@ -53,6 +53,9 @@ class PixelCategorical(Model):
     def estimators(self, ecfg):
         return [("exact", {})]
 
+    def headline_estimator(self, ecfg):
+        return "exact"
+
     @torch.no_grad()
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "independent pixels"

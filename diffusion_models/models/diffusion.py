@@ -271,6 +271,10 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         vlb = (label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing})
         return [vlb] + ([self.ode_estimator(ecfg.ode)] if ecfg.ode.enabled else [])
 
+    def headline_estimator(self, ecfg):
+        """The discrete-time VLB on the whole test split (the ODE bound is the other view, on a subset)."""
+        return self.estimators(ecfg)[0][0]
+
     # -------------------------------------------------------------- training
 
     def sample_t(self, n: int, device: torch.device) -> torch.Tensor:

@@ -357,6 +357,10 @@ class NormalizingFlow(Model):
             out.append((f"dequantized (uniform, K={ecfg.iwae_k})", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
         return out
 
+    def headline_estimator(self, ecfg):
+        """The K-sample dequantized bound at evaluate.iwae_k (K = 1 where iwae_k is 1)."""
+        return self.estimators(ecfg)[-1][0]
+
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "inverse pass"
 

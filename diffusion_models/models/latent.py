@@ -51,3 +51,7 @@ class LatentVariableModel(Model):
         if ecfg.iwae_k > 1:
             out.append((f"IWAE-{ecfg.iwae_k}", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
         return out
+
+    def headline_estimator(self, ecfg):
+        """IWAE at evaluate.iwae_k (the ELBO where K = 1): the tighter bound the protocol names."""
+        return self.estimators(ecfg)[-1][0]

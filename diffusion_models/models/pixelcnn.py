@@ -155,6 +155,9 @@ class PixelCNN(Model):
     def estimators(self, ecfg):
         return [("exact", {})]
 
+    def headline_estimator(self, ecfg):
+        return "exact"
+
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "autoregressive"
 
