@@ -4,6 +4,11 @@ z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmo
 snr(t) = exp(-gamma(t)). The bound on -log P(x) for integer x has three terms (nats):
 prior KL(q(z_1|x) || N(0,I)), the T -> infinity diffusion loss
 0.5 E_t[gamma'(t) ||eps - eps_hat(z_t, t)||^2], and the discrete decoder's -log p(x|z_0).
+
+The learned schedule (sec. 5 of the paper): the diffusion loss's expectation depends on gamma
+only through its endpoints, so the endpoints are trained on the VLB and the interior on the
+variance of the loss's one-sample estimate. The gradient of E[L^2] is E[2 L dL/d eta], one
+backward pass: the gradient reaching the schedule's shape s(t) is scaled by 2 L per example.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ..nets import Denoiser, DenoiserConfig
 from . import register
 from .base import Model
 
+SCHEDULE_INTERIOR = ("variance", "vlb", "fixed")
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [N,C,H,W], gamma_t [N]) -> eps_hat
 
 
@@ -45,19 +51,31 @@ class NoiseSchedule(nn.Module):
         g = a1 * t + (h * a3).mean(1)
         return g, (a1 + ((1 - h * h) * a2 * a3).mean(1) if derivative else None)
 
-    def _rescaled(self, t: torch.Tensor, derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def shape_of(self, t: torch.Tensor, derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The schedule's shape s(t) = (g(t) - g(0)) / (g(1) - g(0)), increasing from 0 to 1, and
+        s'(t) if `derivative`: [N] each. It depends only on the interior parameters (not on the
+        endpoints), so gamma(t) = gamma_min + (gamma_max - gamma_min) s(t)."""
         g, dg = self._unscaled(torch.cat([t.reshape(-1), t.new_tensor([0.0, 1.0])]), derivative)
-        scale = (self.gamma_max - self.gamma_min) / (g[-1] - g[-2])
-        return self.gamma_min + scale * (g[:-2] - g[-2]), (scale * dg[:-2] if derivative else None)
+        span = g[-1] - g[-2]
+        return (g[:-2] - g[-2]) / span, (dg[:-2] / span if derivative else None)
+
+    def from_shape(self, s: torch.Tensor, ds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """gamma and gamma' from the shape s and s' (`shape_of`) and the endpoints."""
+        span = self.gamma_max - self.gamma_min
+        return self.gamma_min + span * s, (span * ds if ds is not None else None)
 
     def with_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gamma(t) [N] and gamma'(t) [N], both differentiable in the parameters: the derivative
         in closed form (no double backward through autograd.grad, so the training step traces
         for torch.compile; tests check it against autograd and finite differences)."""
-        return self._rescaled(t, derivative=True)
+        return self.from_shape(*self.shape_of(t, derivative=True))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self._rescaled(t, derivative=False)[0]  # [N]; the samplers' path: no derivative
+        return self.from_shape(self.shape_of(t, derivative=False)[0])[0]  # [N]; the samplers' path
+
+    def interior(self) -> list[nn.Parameter]:
+        """The parameters of the schedule's shape (all but the endpoints)."""
+        return [self.w1, self.w2, self.b2, self.w3]
 
 
 @register("vdm")
@@ -75,6 +93,13 @@ class VDM(ode.ProbabilityFlow, Model):
         # 2 log(0.6 / (L-1)) = -6.6 at L=17, -12.1 at L=256 (VDM: -13.3 with Fourier features)
         gamma_min: float | None = None
         gamma_max: float = 5.0        # init of gamma(1)
+        # how the schedule's interior (its shape between the endpoints) learns. The continuous-time
+        # VLB does not depend on it (Kingma et al. 2021, sec. 5: the network sees t only through
+        # gamma), so the VLB's gradient on it has mean zero. 'variance': VDM's choice, the interior
+        # minimises the variance of the diffusion term's one-sample estimate, E[L^2] (its mean is
+        # fixed); 'vlb': the VLB's zero-mean gradient (a random walk); 'fixed': not trained.
+        # The endpoints (gamma_min, gamma_max) always learn from the VLB.
+        schedule_interior: str = "variance"
 
     def __init__(self, shape, levels, cfg):
         super().__init__(shape, levels, cfg)
@@ -82,7 +107,13 @@ class VDM(ode.ProbabilityFlow, Model):
         self.gamma_range = (g0, cfg.gamma_max)  # initial endpoints: fixed scale of the time input
         if not g0 < cfg.gamma_max:
             raise ValueError(f"vdm: need gamma_min < gamma_max, got {g0}, {cfg.gamma_max}")
+        if cfg.schedule_interior not in SCHEDULE_INTERIOR:
+            raise ValueError(f"vdm: schedule_interior must be one of {', '.join(SCHEDULE_INTERIOR)}, "
+                             f"got {cfg.schedule_interior!r}")
         self.gamma = NoiseSchedule(cfg.schedule_width, g0, cfg.gamma_max)
+        if cfg.schedule_interior == "fixed":
+            for p in self.gamma.interior():
+                p.requires_grad_(False)
         self.net = Denoiser(self.shape, levels, cfg)
         self.register_buffer("centres", lk.to_unit(torch.arange(levels), levels))  # [L]
 
@@ -100,14 +131,26 @@ class VDM(ode.ProbabilityFlow, Model):
         zero = torch.zeros((), device=x.device)
         return lk.normal_kl(torch.sqrt(torch.sigmoid(-g1)) * x, F.logsigmoid(g1), zero, zero).flatten(1).sum(1)
 
-    def _diffusion_term(self, x: torch.Tensor, t: torch.Tensor, eps_fn: EpsFn | None = None) -> torch.Tensor:
-        """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2: one t per example; x float [N,C,H,W], t [N] -> [N]."""
-        gamma, dgamma = self.gamma.with_derivative(t)  # [N], [N]
+    def _diffusion_term(self, x: torch.Tensor, t: torch.Tensor, eps_fn: EpsFn | None = None,
+                        variance_grad: bool = False) -> torch.Tensor:
+        """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2: one t per example; x float [N,C,H,W], t [N] -> [N].
+        `variance_grad`: the gradient that reaches the schedule's interior through this term is
+        that of the mean of (term / D)^2 instead of the term's mean over D (module docstring)."""
+        s, ds = self.gamma.shape_of(t, derivative=True)  # [N], [N]
+        gamma, dgamma = self.gamma.from_shape(s, ds)
         g = gamma[:, None, None, None]
         eps = torch.randn_like(x)
         z = torch.sqrt(torch.sigmoid(-g)) * x + torch.sqrt(torch.sigmoid(g)) * eps  # z_t
         eps_pred = (eps_fn or self.eps_hat)(z, gamma)
-        return 0.5 * dgamma * (eps - eps_pred).pow(2).flatten(1).sum(1)
+        term = 0.5 * dgamma * (eps - eps_pred).pow(2).flatten(1).sum(1)
+        if variance_grad and s.requires_grad:
+            # d/d eta E[(L/D)^2] = E[2 (L/D) d(L/D)/d eta]: scale each example's gradient reaching
+            # the shape by 2 L/D (detached); the loss is L/D per example (VDM, appendix on the
+            # variance of the estimator); the endpoints and the network keep the VLB's gradient
+            w = 2 * term.detach() / self.dims
+            s.register_hook(lambda grad: grad * w)
+            ds.register_hook(lambda grad: grad * w)
+        return term
 
     def _decoder_logits(self, z0: torch.Tensor) -> torch.Tensor:
         """log p(x_i = k | z_0) for all L levels, normalized over k: [B,C,H,W,L]."""
@@ -133,7 +176,7 @@ class VDM(ode.ProbabilityFlow, Model):
         t = (torch.rand((), device=x.device) + torch.arange(b, device=x.device) / b) % 1.0  # antithetic
         xu = lk.to_unit(x, self.levels)
         vlb = (self._prior_term(xu) + self._reconstruction_term(x)
-               + self._diffusion_term(xu, t))
+               + self._diffusion_term(xu, t, variance_grad=self.cfg.schedule_interior == "variance"))
         return vlb.mean() / self.dims
 
     @torch.no_grad()
