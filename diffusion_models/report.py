@@ -181,7 +181,11 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
             rows.append({"model": ev["model"], "seed": run["seed"], "vlb_estimator": vlb_label, "vlb_bpd": v["bpd"],
                          "vlb_se": v["bpd_se"], "ode_estimator": ode[0], "ode_bpd": o["bpd"], "ode_se": o["bpd_se"],
                          "ode_n_test": n, "ode_minus_vlb": diff.mean(), "ode_minus_vlb_se": diff.std(ddof=1) / np.sqrt(n),
-                         "ode_nfe": o["nfe"], "ode_sec_per_image": o["seconds"] / n})
+                         "ode_nfe": o["nfe"], "ode_sec_per_image": o["seconds"] / n,
+                         **({"solver_tol": o["solver_check"]["tol"], "solver_n": o["solver_check"]["n_examples"],
+                             "solver_gap": o["solver_check"]["gap_bpd"], "solver_gap_se": o["solver_check"]["gap_bpd_se"],
+                             "solver_max_abs_gap": o["solver_check"]["max_abs_gap_bpd"]}
+                            if "solver_check" in o else {})})
     if not rows:
         return pd.DataFrame()
     runs = pd.DataFrame(rows)
@@ -189,6 +193,9 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
     out = _mean_std(g, ["vlb_bpd", "ode_bpd", "ode_minus_vlb"]).join(
         g[["vlb_se", "ode_se", "ode_minus_vlb_se", "ode_nfe", "ode_sec_per_image"]].mean())
     out = out.join(g[["vlb_estimator", "ode_estimator", "ode_n_test"]].first()).join(g["seed"].nunique().rename("seeds"))
+    check = [c for c in ("solver_tol", "solver_n", "solver_gap", "solver_gap_se", "solver_max_abs_gap") if c in runs]
+    if check:  # the first seed's solver check (the other runs have none: first() skips their NaNs)
+        out = out.join(g[check].first())
     return out.reset_index()
 
 
@@ -370,14 +377,40 @@ def _views_lines(views: pd.DataFrame | None, over: str) -> list[str]:
         "NFE": views["ode_nfe"].map(lambda x: _fmt(x, ".0f")),
         "s/image": views["ode_sec_per_image"].map(lambda x: _fmt(x, ".3f")),
     })
+    if "solver_gap" in views:
+        v["solver error (seed 0)"] = [
+            "" if pd.isna(gap) else f"{gap:+.4f} ± {se:.4f} (max {mx:.4f}; {n:.0f} images, vs {tol:g})"
+            for gap, se, mx, n, tol in zip(views["solver_gap"], views["solver_gap_se"], views["solver_max_abs_gap"],
+                                           views["solver_n"], views["solver_tol"])]
     return [f"## Two views of diffusion likelihood: the VLB and the probability-flow ODE ({over})", "",
             f"VLB: {views['vlb_estimator'].iloc[0]} (diffusion models' variational bound; vdm: its continuous-time "
             f"VLB), on the whole test split. ODE: {views['ode_estimator'].iloc[0]} — the same network's "
             "probability-flow ODE density, a bound on the discrete data through dequantization (README, "
             "'Two views of diffusion likelihood'). `ODE − VLB`: on the ODE's images, paired within each run; "
             "negative means the ODE view is tighter. NFE: function evaluations per image of the adaptive "
-            "solver; s/image: wall-clock seconds per test image on this run's device.", "",
+            "solver; s/image: wall-clock seconds per test image on this run's device. Solver error: on the "
+            "first seed's final checkpoint, the ODE bound of its first test images minus the same draws' bound "
+            "solved at the tighter tolerance (bits/dim, mean ± SE, the largest |difference|).", "",
             v.to_markdown(index=False, disable_numparse=True), ""]
+
+
+def summary(comparison: pd.DataFrame, views: pd.DataFrame | None) -> str:
+    """The compact results table the README shows (its copy there is checked against this file
+    by a test): per model the headline bound and FID (mean ± std over seeds), the ODE view where
+    there is one, and the headline sampler's NFE and speed."""
+    ode = {} if views is None or not len(views) else dict(zip(views["model"], zip(views["ode_bpd"],
+                                                                                  views["ode_bpd_std"])))
+    table = pd.DataFrame({
+        "model": comparison["model"],
+        "bits/dim": [_pm(m, s, ".3f") for m, s in zip(comparison["bpd"], comparison["bpd_std"])],
+        "bound": comparison["bpd_estimator"].str.replace(r" \(.*", "", regex=True),
+        "ODE bits/dim": [_pm(*ode[m], ".3f") if m in ode else "" for m in comparison["model"]],
+        "FID": [_pm(m, s, ".2f") for m, s in zip(comparison["fid"], comparison["fid_std"])],
+        "sampler": comparison["sampler"].str.split(",").str[0],
+        "NFE": comparison["nfe"].map(lambda v: _fmt(v, ".0f")),
+        "samples/s": comparison["samples_per_sec"].map(lambda v: _fmt(v, ",.0f")),
+    })
+    return table.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -444,7 +477,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         f"Every figure of the summary is the {over} (sample standard deviation) of the runs at "
         "the end of the budget. Bounds are upper bounds on -log P(x) of the discrete test images, "
         "in bits/dim (nats / (D ln 2)); `SE` is the mean over seeds of each run's standard error "
-        "over test examples; the estimator is the model's tightest. "
+        "over test examples; the estimator is the one the model declares as its headline "
+        "(`Model.headline_estimator`: IWAE-K, the K-sample dequantized bound, the VLB, or the exact NLL), "
+        "chosen before any number is seen, not the lowest of its bounds. "
         f"Sample quality: FID, KID and precision/recall (torch-fidelity) of {n} samples per run against the "
         f"{refs['train']} (the standard reference) and, beside it, the held-out {refs['test']}, in the "
         f"features of {comparison['fid_extractor'].iloc[0]}: the FID classifier shipped with the repository "
@@ -488,8 +523,7 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         lines += ["## Sampling precision: the headline sampler in bf16 against fp32 (first seed's final "
                   "checkpoint, the same noise)", "",
                   "The tables above sample with the network in the precision of the `headline` column "
-                  "(`sample.precision`; `auto`: bf16 on CUDA and on a CPU whose bf16 matmul is at least 1.5x "
-                  "its fp32 one). `fid_diff` = FID(bf16) − FID(fp32); `within_seed_spread`: |fid_diff| is "
+                  "(`sample.precision`, a setting: the same on every machine; fp32 by default). `fid_diff` = FID(bf16) − FID(fp32); `within_seed_spread`: |fid_diff| is "
                   "below the standard deviation of the headline FID over seeds; `speedup`: bf16 samples/s over "
                   "fp32's. Speeds as in the grid (one run, side by side).", "",
                   pc.to_markdown(index=False, disable_numparse=True), ""]

@@ -34,7 +34,7 @@ def compare(cfg: Config) -> None:
     n, seeds = int(sampling["n_samples"].iloc[0]), run_seeds(cfg)
     extractor = comp["fid_extractor"].iloc[0]
     over = f"mean ± standard deviation over {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]})"
-    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, {over}: tightest "
+    caption = (f"{cfg.data.name}, {cfg.train.images:,} training images per model and run, {over}: headline "
                f"bound on the test split (bits/dim, estimator per row) and FID of {n:,} samples "
                f"({extractor} features) against the training split, headline sampler with NFE per row; "
                f"{provenance[2]}.")
@@ -63,4 +63,5 @@ def compare(cfg: Config) -> None:
     write_text(RESULTS / "comparison.tex", report.latex(comp, caption.replace("±", "$\\pm$")))
     text = report.markdown(comp, nll, sweep, sampling, provenance, timings, sig, views, precision)
     write_text(RESULTS / "comparison.md", text)
+    write_text(RESULTS / "summary.md", report.summary(comp, views))
     print(text)
