@@ -36,7 +36,7 @@ TRAINABLE = [n for n in models.names() if any(p.requires_grad for p in _model(n)
 @pytest.fixture(scope="session")
 def peak():
     """This machine's matmul peak (FLOP/s), fp32 and bf16, measured now: the best of five 2048^2
-    GEMMs (runtime.matmul_flops, the measurement `sample.precision: auto` decides by)."""
+    GEMMs (runtime.matmul_flops)."""
     return {label: matmul_flops(dtype, n=2048) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             stage = getattr(importlib.import_module(f".pipeline.{args.cmd}", __package__), args.cmd)
             stage(cfg, args.model, args.device)
     except (ConfigError, data.DataError, StageError, QualityError, TrainingError,
-            KeyError, FileNotFoundError, ValueError) as e:  # (report.UnmatchedError is a ValueError)
+            KeyError, FileNotFoundError, ValueError, FloatingPointError) as e:  # (UnmatchedError: a ValueError)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

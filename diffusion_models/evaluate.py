@@ -23,8 +23,8 @@ def summarize(values: torch.Tensor, dims: int) -> dict[str, float]:
     return {"nats": mean, "nats_se": se, "bpd": bits_per_dim(mean, dims), "bpd_se": bits_per_dim(se, dims)}
 
 
-EVALUATE_ONLY = ("max_examples", "batch_size")
-MAX_NONFINITE = 0.001  # draw_samples fails when more than this fraction of the samples failed  # estimator kwargs for evaluate_bounds, not nll_terms
+EVALUATE_ONLY = ("max_examples", "batch_size")  # estimator kwargs for evaluate_bounds, not nll_terms
+MAX_NONFINITE = 0.001  # draw_samples fails when more than this fraction of the samples failed
 
 
 @torch.no_grad()

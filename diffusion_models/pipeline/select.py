@@ -1,6 +1,6 @@
 """`select`: choose defaults on the validation split (never the test split). Each candidate is
 one model with some overrides, trained with the params' budget and first seed, scored with
-the model's estimators on validation; the table is written to results/selection.csv.
+the model's estimators on validation; the table is written to results/selection/<model>-<keys>.csv.
 
     python -m diffusion_models select hvae kl_warmup=0,250,1000
     python -m diffusion_models select vae lr=1e-3,2e-3,4e-3      # train.* keys are training settings
