@@ -488,8 +488,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         "to a training image; `closer` the fraction of samples nearer to their nearest training image (in "
         "pixels, or in the classifier's features) than 95% of the held-out test images are to theirs "
         "(about 0.05 for a model that does not memorise; near 1 for one that copies). `tied`: models whose "
-        "difference from this one is not significant (95% Welch interval over seeds contains 0; see "
-        "'Which differences are real'). "
+        "difference from this one is not significant at 5% after Holm's correction over all pairs (bits/dim: "
+        "paired over the test images and pooled over seeds; FID: Welch over seeds; see 'Which differences "
+        "are real'). "
         f"Speed: samples/s at batch {batch} after a warm-up batch, median over the other full batches "
         "(device above); NFE = network evaluations per sample. Per-run numbers: `results/runs.csv`.",
         "",
@@ -531,13 +532,16 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         sig = significance.copy()
         for c in ("diff", "ci_lo", "ci_hi"):
             sig[c] = sig[c].map(lambda v: _fmt(v, ".4f"))
-        sig["p_value"] = sig["p_value"].map(lambda v: _fmt(v, ".3g"))
+        for c in ("p_value", "p_holm"):
+            sig[c] = sig[c].map(lambda v: _fmt(v, ".3g"))
         lines += ["## Which differences are real (95% confidence intervals of model_a − model_b)", "",
-                  "Welch t intervals over seeds (bits/dim, and FID against the training split), and for "
-                  "bits/dim the paired t interval over the test images within each seed (the same images "
-                  "scored by both models: tighter, but it speaks of these trained networks, not of the "
-                  "training procedure). `tied`: the interval contains 0 (or cannot be computed).", "",
-                  sig[["metric", "test", "model_a", "model_b", "diff", "ci_lo", "ci_hi", "p_value",
+                  "Bits/dim: the per-image differences on the same test images, pooled over seeds, with an "
+                  "interval that covers both the seed-to-seed and the image-to-image variance (the headline "
+                  "test); beside it the Welch t interval over seeds and the paired interval within each seed "
+                  "(that one speaks of these trained networks, not of the training procedure). FID: Welch over "
+                  "seeds. `p_holm`: Holm's adjustment over all pairs of the same metric and test; `tied`: not "
+                  "significant at 5% after it (or not computable). Intervals are the unadjusted 95% ones.", "",
+                  sig[["metric", "test", "model_a", "model_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
                        "tied"]].to_markdown(index=False, disable_numparse=True), ""]
     if timings is not None:
         t = timings.assign(seconds=timings["seconds"].map(lambda v: _fmt(v, ".1f")))

@@ -4,8 +4,12 @@
   of freedom) for a metric measured over independent seeds of two models;
 - `paired`: one-sample t interval on per-item differences (e.g. per-test-image bpd of model A
   minus model B on the same images), the paired t test (Student 1908);
-- `pairwise_welch` / `pairwise_paired`: those tests for every unordered pair of models, one
-  row per pair, with `tied` = the interval does not exclude 0 (difference not established);
+- `pooled_paired`: a difference of bounds on the same test images pooled over seeds, with an
+  interval that covers both sources of variance (which training seed, which test images);
+- `holm`: Holm's step-down adjustment of p-values over a family of tests (Holm 1979);
+- `pairwise_welch` / `pairwise_paired` / `pairwise_pooled`: those tests for every unordered
+  pair of models, one row per pair, with `p_holm` (over all pairs of that metric and test) and
+  `tied` = not significant at 5% after Holm's correction (difference not established);
 - `tied_with`: for each model, the models it is tied with.
 
 Only the t distribution's quantile/tail (`scipy.stats.t.ppf` / `t.sf`) come from scipy; the
@@ -22,8 +26,10 @@ import pandas as pd
 from scipy.stats import t as student_t
 
 WELCH_TEST = "Welch t over seeds"
+POOLED_TEST = "paired over test images, pooled over seeds"
+ALPHA = 0.05  # family-wise error rate of each family of pairwise tests (Holm)
 COLUMNS = ["metric", "model_a", "model_b", "test", "diff", "ci_lo", "ci_hi",
-           "p_value", "n_a", "n_b", "tied"]
+           "p_value", "p_holm", "n_a", "n_b", "tied"]
 
 
 def _check_confidence(confidence: float) -> None:
@@ -94,9 +100,59 @@ def paired(d: Sequence[float], confidence: float = 0.95) -> dict:
     return out
 
 
-def _is_tied(lo: float, hi: float) -> bool:
-    """True unless the interval [lo, hi] lies entirely on one side of 0 (NaN -> tied)."""
-    return not (lo > 0.0 or hi < 0.0)
+def pooled_paired(d: np.ndarray, confidence: float = 0.95) -> dict:
+    """Mean difference and its interval from per-image differences d [S seeds, n images] on the
+    same test images in every seed: both seed-to-seed and image-to-image variation count.
+
+    With D = mean of d, se^2 = var_s(seed means) / S + var_i(image means over seeds) / n (sample
+    variances, ddof 1): the seed term is the training randomness, the image term the choice of
+    test images. (Under a seed x image random-effects model each term also holds the interaction's
+    share once, so the se is slightly conservative.) Degrees of freedom: Welch-Satterthwaite of
+    the two terms (S - 1 and n - 1). One seed: the paired interval over images. Returns keys
+    diff, ci_lo, ci_hi, p_value, se, df, seeds, n."""
+    _check_confidence(confidence)
+    x = np.asarray(d, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise ValueError(f"pooled_paired needs differences [seeds, images >= 2], got shape {x.shape}")
+    s, n = x.shape
+    out = {"diff": float(x.mean()), "ci_lo": math.nan, "ci_hi": math.nan, "p_value": math.nan,
+           "se": math.nan, "df": math.nan, "seeds": s, "n": n}
+    vi = float(x.mean(0).var(ddof=1)) / n
+    vs = float(x.mean(1).var(ddof=1)) / s if s > 1 else 0.0
+    se2 = vs + vi
+    if not se2 > 0:
+        return out
+    df = se2 ** 2 / ((vs ** 2 / (s - 1) if s > 1 else 0.0) + vi ** 2 / (n - 1))
+    lo, hi, p = _t_interval(out["diff"], math.sqrt(se2), df, confidence)
+    out.update(ci_lo=lo, ci_hi=hi, p_value=p, se=math.sqrt(se2), df=df)
+    return out
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Holm 1979): the i-th smallest of m p-values becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)); rejecting where the adjusted p < alpha controls
+    the family-wise error rate at alpha. NaN p-values stay NaN and do not count in m."""
+    x = np.asarray(p, dtype=np.float64)
+    out = np.full_like(x, np.nan)
+    ok = np.flatnonzero(~np.isnan(x))
+    order = ok[np.argsort(x[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for j, i in enumerate(order):
+        running = max(running, min(1.0, (m - j) * x[i]))
+        out[i] = running
+    return out
+
+
+def _with_holm(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table, with p_holm per (metric, test family) and `tied` = not significant
+    at ALPHA after Holm (NaN: tied). The families: each metric's Welch tests, its pooled paired
+    tests, and each seed's paired tests."""
+    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "tied")])
+    df["p_holm"] = np.nan
+    for _, idx in df.groupby(["metric", "test"], sort=False).groups.items():
+        df.loc[idx, "p_holm"] = holm(df.loc[idx, "p_value"].to_numpy())
+    df["tied"] = ~(df["p_holm"] < ALPHA)
+    return df[COLUMNS]
 
 
 def pairwise_welch(runs: pd.DataFrame, metrics: list[str], confidence: float = 0.95) -> pd.DataFrame:
@@ -118,9 +174,8 @@ def pairwise_welch(runs: pd.DataFrame, metrics: list[str], confidence: float = 0
             r = welch(values[ma], values[mb], confidence)
             rows.append({"metric": metric, "model_a": ma, "model_b": mb, "test": WELCH_TEST,
                          "diff": r["diff"], "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
-                         "p_value": r["p_value"], "n_a": r["n_a"], "n_b": r["n_b"],
-                         "tied": _is_tied(r["ci_lo"], r["ci_hi"])})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                         "p_value": r["p_value"], "n_a": r["n_a"], "n_b": r["n_b"]})
+    return _with_holm(rows)
 
 
 def pairwise_paired(per_item: dict[tuple[str, int], np.ndarray], metric: str = "bpd",
@@ -147,9 +202,31 @@ def pairwise_paired(per_item: dict[tuple[str, int], np.ndarray], metric: str = "
             rows.append({"metric": metric, "model_a": ma, "model_b": mb,
                          "test": f"paired over test images, seed {seed}",
                          "diff": r["diff"], "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
-                         "p_value": r["p_value"], "n_a": r["n"], "n_b": r["n"],
-                         "tied": _is_tied(r["ci_lo"], r["ci_hi"])})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                         "p_value": r["p_value"], "n_a": r["n"], "n_b": r["n"]})
+    return _with_holm(rows)
+
+
+def pairwise_pooled(per_item: dict[tuple[str, int], np.ndarray], metric: str = "bpd",
+                    confidence: float = 0.95) -> pd.DataFrame:
+    """`pooled_paired` for every unordered pair of models, over the seeds both have: per-image
+    differences on the same test images within each seed, pooled over the seeds (the interval
+    covers seed-to-seed and image-to-image variation). Holm-adjusted over all pairs."""
+    models = list(dict.fromkeys(m for m, _ in per_item))
+    rows = []
+    for ma, mb in itertools.combinations(models, 2):
+        seeds = sorted({s for m, s in per_item if m == ma} & {s for m, s in per_item if m == mb})
+        d = []
+        for s in seeds:
+            xa, xb = (np.asarray(per_item[(m, s)], np.float64).ravel() for m in (ma, mb))
+            if xa.size != xb.size:
+                raise ValueError(f"seed {s}: per-image arrays of models {ma!r} ({xa.size}) and {mb!r} "
+                                 f"({xb.size}) differ in length; they must cover the same test images")
+            d.append(xa - xb)
+        r = pooled_paired(np.stack(d), confidence)
+        rows.append({"metric": metric, "model_a": ma, "model_b": mb, "test": POOLED_TEST, "diff": r["diff"],
+                     "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"], "p_value": r["p_value"],
+                     "n_a": r["seeds"] * r["n"], "n_b": r["seeds"] * r["n"]})
+    return _with_holm(rows)
 
 
 def tied_with(table: pd.DataFrame, metric: str, test_prefix: str = "Welch") -> dict[str, list[str]]:

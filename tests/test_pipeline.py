@@ -219,7 +219,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ddpm_profile["bpd"].sum() == pytest.approx(comp.loc["ddpm", "bpd"], rel=1e-6)  # the terms sum to the bound (float32 terms)
     sig = pd.read_csv(results / "significance.csv")
     assert set(sig["metric"]) == {"bpd", "fid"} and len(sig[sig["test"] == "Welch t over seeds"]) == 2 * 3
-    assert len(sig[sig["test"].str.startswith("paired over test images")]) == 2 * 3
+    assert len(sig[sig["test"].str.startswith("paired over test images, seed")]) == 2 * 3
+    pooled = sig[sig["test"] == "paired over test images, pooled over seeds"]
+    assert len(pooled) == 3 and pooled["p_holm"].notna().all() and (pooled["p_holm"] >= pooled["p_value"]).all()
     # the paired mean difference is the difference of the two runs' bounds in runs.csv (another path)
     pair = sig[sig["test"] == "paired over test images, seed 0"].set_index(["model_a", "model_b"]).loc[("vae", "ddpm")]
     seed0 = runs[(runs["seed"] == 0) & (runs["fraction"] == 1.0)].set_index("model")["bpd"]

@@ -170,3 +170,64 @@ def test_tied_with():
     assert sig.tied_with(t, "bpd") == {"x": ["y"], "y": ["x", "z"], "z": ["y"]}
     assert sig.tied_with(t, "fid") == {"x": [], "y": []}
     assert sig.tied_with(t, "bpd", "paired") == {"x": ["z"], "z": ["x"]}
+
+
+def test_pooled_paired_interval_against_a_direct_computation():
+    """Made-up per-image differences with both sources of variance (a seed effect and an image
+    effect): the interval is D +- t_df * sqrt(var(seed means)/S + var(image means)/n) with the
+    Welch-Satterthwaite df, computed here by hand; it is wider than the paired interval of one
+    seed (which ignores the seed-to-seed spread), and it covers the true difference about 95% of
+    the time over repeated seeds and images."""
+    from scipy.stats import t as student_t
+
+    from diffusion_models.significance import paired, pooled_paired
+
+    rng = np.random.default_rng(0)
+    seed_effect, image_effect = rng.normal(0, 0.05, (3, 1)), rng.normal(0, 0.2, (1, 50))
+    d = 0.1 + seed_effect + image_effect + rng.normal(0, 0.02, (3, 50))
+    r = pooled_paired(d)
+    vs, vi = d.mean(1).var(ddof=1) / 3, d.mean(0).var(ddof=1) / 50
+    df = (vs + vi) ** 2 / (vs ** 2 / 2 + vi ** 2 / 49)
+    half = student_t.ppf(0.975, df) * math.sqrt(vs + vi)
+    assert r["diff"] == pytest.approx(d.mean()) and r["df"] == pytest.approx(df)
+    assert (r["ci_lo"], r["ci_hi"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert r["p_value"] == pytest.approx(2 * student_t.sf(abs(d.mean()) / math.sqrt(vs + vi), df))
+    one = paired(d[0])
+    assert r["ci_hi"] - r["ci_lo"] > one["ci_hi"] - one["ci_lo"]
+    covered = []
+    for _ in range(400):
+        dd = 0.1 + rng.normal(0, 0.05, (3, 1)) + rng.normal(0, 0.2, (1, 50)) + rng.normal(0, 0.02, (3, 50))
+        rr = pooled_paired(dd)
+        covered.append(rr["ci_lo"] <= 0.1 <= rr["ci_hi"])
+    assert 0.9 <= np.mean(covered) <= 1.0, np.mean(covered)
+
+
+def test_holm_against_a_hand_computation():
+    from diffusion_models.significance import holm
+
+    p = [0.01, 0.04, 0.03, 0.005, float("nan")]
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): 4*0.005, 3*0.01, 2*0.03, 1*0.04 -> running max
+    want = [0.03, 0.06, 0.06, 0.02, float("nan")]
+    assert np.allclose(holm(p), want, equal_nan=True)
+    assert np.allclose(holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
+
+
+def test_pairwise_pooled_is_holm_corrected_over_all_pairs():
+    """Three models: a is clearly better than b and c; b and c differ by a little. The rows'
+    p_holm is Holm's adjustment of their p-values, and `tied` follows p_holm, not p."""
+    from diffusion_models.significance import holm, pairwise_pooled
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(2.0, 0.3, 40)
+    items = {}
+    for s in range(3):
+        items[("a", s)] = base + rng.normal(0, 0.01, 40)
+        items[("b", s)] = base + 0.2 + rng.normal(0, 0.01, 40)
+        items[("c", s)] = base + 0.2 + 0.004 * (s + 1) + rng.normal(0, 0.01, 40)
+    t = pairwise_pooled(items)
+    assert list(zip(t.model_a, t.model_b)) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert np.allclose(t.p_holm, holm(t.p_value))
+    assert (t.tied == ~(t.p_holm < 0.05)).all()
+    assert not t.iloc[0].tied and not t.iloc[1].tied and t.iloc[0].ci_hi < 0
+    with pytest.raises(ValueError, match="differ in length"):
+        pairwise_pooled({("a", 0): np.zeros(3), ("b", 0): np.zeros(4)})

@@ -22,11 +22,16 @@ def compare(cfg: Config) -> None:
     nll_runs, sampling = report.nll_runs(evals), report.sampling_runs(samples)
     runs = report.runs_table(tr, nll_runs, sampling)
     final = runs[runs["fraction"] == 1.0]
-    sig = pd.concat([significance.pairwise_welch(final[["model", "seed"] + SIGNIFICANCE_METRICS],
+    per_image = report.headline_runs(final, evals)
+    sig = pd.concat([significance.pairwise_pooled(per_image, "bpd"),
+                     significance.pairwise_welch(final[["model", "seed"] + SIGNIFICANCE_METRICS],
                                                  SIGNIFICANCE_METRICS),
-                     significance.pairwise_paired(report.headline_runs(final, evals), "bpd")],
+                     significance.pairwise_paired(per_image, "bpd")],
                     ignore_index=True)
-    comp = report.comparison_table(runs, matched, {m: significance.tied_with(sig, m) for m in SIGNIFICANCE_METRICS})
+    # ties after Holm: bits/dim by the pooled paired test (same images, over seeds), FID by Welch over seeds
+    tests = {"bpd": significance.POOLED_TEST, "fid": significance.WELCH_TEST}
+    comp = report.comparison_table(runs, matched, {m: significance.tied_with(sig, m, tests[m])
+                                                   for m in SIGNIFICANCE_METRICS})
     nll, sweep, profile = report.nll_table(nll_runs), report.sweep_table(runs), report.profile_table(evals)
     views = report.views_table(evals)
     precision = report.precision_check(sampling, comp)
