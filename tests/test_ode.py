@@ -332,3 +332,27 @@ def test_solver_check_is_the_same_draws_solved_at_tighter_tolerances():
     assert torch.allclose(sum(terms.values()), want[0], rtol=1e-12)
     assert torch.allclose(info["solver_gap"], (want[0] - want[1])[:3], rtol=0, atol=2e-3)
     assert info["solver_gap"].abs().max() > 0  # the loose solve carries an error the check sees
+    assert info["solver_check_seconds"] > 0
+
+
+def test_solver_check_is_reported_by_evaluate_and_timed_apart():
+    """evaluate_bounds reports the ODE estimator's solver check (its first check_n images, the
+    check's tolerance and its own seconds) and keeps the check's time out of the bound's."""
+    from diffusion_models.evaluate import evaluate_bounds
+
+    m = categorical_model("iddpm", torch.softmax(torch.randn(16, LEVELS, generator=torch.Generator().manual_seed(0),
+                                                             dtype=torch.float64), -1))
+    x = torch.randint(0, LEVELS, (6, *SHAPE), generator=torch.Generator().manual_seed(1))
+    ecfg = config.EvalConfig(t_samples=4, batch_size=8)
+    ecfg.ode.rtol = ecfg.ode.atol = 1e-2
+    ecfg.ode.n_test, ecfg.ode.check_tol, ecfg.ode.check_n = 6, 1e-4, 3
+    out = evaluate_bounds(m, x, ecfg, per_example=True)
+    label = next(k for k in out if k.startswith("ODE"))
+    check = out[label]["solver_check"]
+    assert check["tol"] == 1e-4 and check["n_examples"] == 3 and check["seconds"] > 0
+    assert math.isfinite(check["gap_bpd"]) and check["max_abs_gap_bpd"] >= abs(check["gap_bpd"])
+    assert 0 < out[label]["seconds"]
+    ecfg.ode.check_tol = None
+    again = evaluate_bounds(m, x, ecfg, per_example=True)[label]
+    assert "solver_check" not in again
+    assert again["per_example_bpd"] == pytest.approx(out[label]["per_example_bpd"], rel=1e-6)  # same bound

@@ -102,7 +102,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     inputs = {"checkpoints": {r["checkpoint"]: file_sha1(r["checkpoint"]) for r in runs},
               "data_sha1": {r: file_sha1(PREPARED / f"{r}.npz") for r in REFERENCES},
               "extractors": {e: [p.name if p else None, st, d] for e, (p, st, d) in spaces.items()},
-              "sample_config": dataclasses.asdict(s), "code_sha1": code_digest(name, "sample"),
+              "sample_config": dataclasses.asdict(s), "n_samples": n, "code_sha1": code_digest(name, "sample"),
               "device": device_label(dev)}
     if unchanged(path, inputs):
         print(f"sample {name}: checkpoints, references, settings and code unchanged; record kept")
