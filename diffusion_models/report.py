@@ -182,10 +182,7 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
                          "vlb_se": v["bpd_se"], "ode_estimator": ode[0], "ode_bpd": o["bpd"], "ode_se": o["bpd_se"],
                          "ode_n_test": n, "ode_minus_vlb": diff.mean(), "ode_minus_vlb_se": diff.std(ddof=1) / np.sqrt(n),
                          "ode_nfe": o["nfe"], "ode_sec_per_image": o["seconds"] / n,
-                         **({"solver_tol": o["solver_check"]["tol"], "solver_n": o["solver_check"]["n_examples"],
-                             "solver_gap": o["solver_check"]["gap_bpd"], "solver_gap_se": o["solver_check"]["gap_bpd_se"],
-                             "solver_max_abs_gap": o["solver_check"]["max_abs_gap_bpd"]}
-                            if "solver_check" in o else {})})
+                         **{f"solver_{k}": v for k, v in o.get("solver_check", {}).items()}})
     if not rows:
         return pd.DataFrame()
     runs = pd.DataFrame(rows)
@@ -193,7 +190,7 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
     out = _mean_std(g, ["vlb_bpd", "ode_bpd", "ode_minus_vlb"]).join(
         g[["vlb_se", "ode_se", "ode_minus_vlb_se", "ode_nfe", "ode_sec_per_image"]].mean())
     out = out.join(g[["vlb_estimator", "ode_estimator", "ode_n_test"]].first()).join(g["seed"].nunique().rename("seeds"))
-    check = [c for c in ("solver_tol", "solver_n", "solver_gap", "solver_gap_se", "solver_max_abs_gap") if c in runs]
+    check = [c for c in runs if c.startswith("solver_")]
     if check:  # the first seed's solver check (the other runs have none: first() skips their NaNs)
         out = out.join(g[check].first())
     return out.reset_index()
@@ -377,11 +374,12 @@ def _views_lines(views: pd.DataFrame | None, over: str) -> list[str]:
         "NFE": views["ode_nfe"].map(lambda x: _fmt(x, ".0f")),
         "s/image": views["ode_sec_per_image"].map(lambda x: _fmt(x, ".3f")),
     })
-    if "solver_gap" in views:
+    if "solver_gap_bpd" in views:
         v["solver error (seed 0)"] = [
             "" if pd.isna(gap) else f"{gap:+.4f} ± {se:.4f} (max {mx:.4f}; {n:.0f} images, vs {tol:g})"
-            for gap, se, mx, n, tol in zip(views["solver_gap"], views["solver_gap_se"], views["solver_max_abs_gap"],
-                                           views["solver_n"], views["solver_tol"])]
+            for gap, se, mx, n, tol in zip(views["solver_gap_bpd"], views["solver_gap_bpd_se"],
+                                           views["solver_max_abs_gap_bpd"], views["solver_n_examples"],
+                                           views["solver_tol"])]
     return [f"## Two views of diffusion likelihood: the VLB and the probability-flow ODE ({over})", "",
             f"VLB: {views['vlb_estimator'].iloc[0]} (diffusion models' variational bound; vdm: its continuous-time "
             f"VLB), on the whole test split. ODE: {views['ode_estimator'].iloc[0]} — the same network's "

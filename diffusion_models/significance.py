@@ -178,6 +178,16 @@ def pairwise_welch(runs: pd.DataFrame, metrics: list[str], confidence: float = 0
     return _with_holm(rows)
 
 
+def _differences(per_item: dict[tuple[str, int], np.ndarray], ma: str, mb: str, seed: int) -> np.ndarray:
+    """Per-image values of model ma minus model mb in one seed; a ValueError naming the models if
+    their arrays differ in length (they must cover the same test images, in the same order)."""
+    xa, xb = (np.asarray(per_item[(m, seed)], dtype=np.float64).ravel() for m in (ma, mb))
+    if xa.size != xb.size:
+        raise ValueError(f"seed {seed}: per-image arrays of models {ma!r} ({xa.size}) and {mb!r} "
+                         f"({xb.size}) differ in length; they must cover the same test images")
+    return xa - xb
+
+
 def pairwise_paired(per_item: dict[tuple[str, int], np.ndarray], metric: str = "bpd",
                     confidence: float = 0.95) -> pd.DataFrame:
     """Paired t test over test images for every seed and unordered pair of models with that seed.
@@ -192,13 +202,7 @@ def pairwise_paired(per_item: dict[tuple[str, int], np.ndarray], metric: str = "
     for seed in seeds:
         have = [m for m in models if (m, seed) in per_item]
         for ma, mb in itertools.combinations(have, 2):
-            xa = np.asarray(per_item[(ma, seed)], dtype=np.float64).ravel()
-            xb = np.asarray(per_item[(mb, seed)], dtype=np.float64).ravel()
-            if xa.size != xb.size:
-                raise ValueError(f"seed {seed}: per-image arrays of models {ma!r} ({xa.size}) and "
-                                 f"{mb!r} ({xb.size}) differ in length; they must cover the "
-                                 "same test images")
-            r = paired(xa - xb, confidence)
+            r = paired(_differences(per_item, ma, mb, seed), confidence)
             rows.append({"metric": metric, "model_a": ma, "model_b": mb,
                          "test": f"paired over test images, seed {seed}",
                          "diff": r["diff"], "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
@@ -215,14 +219,7 @@ def pairwise_pooled(per_item: dict[tuple[str, int], np.ndarray], metric: str = "
     rows = []
     for ma, mb in itertools.combinations(models, 2):
         seeds = sorted({s for m, s in per_item if m == ma} & {s for m, s in per_item if m == mb})
-        d = []
-        for s in seeds:
-            xa, xb = (np.asarray(per_item[(m, s)], np.float64).ravel() for m in (ma, mb))
-            if xa.size != xb.size:
-                raise ValueError(f"seed {s}: per-image arrays of models {ma!r} ({xa.size}) and {mb!r} "
-                                 f"({xb.size}) differ in length; they must cover the same test images")
-            d.append(xa - xb)
-        r = pooled_paired(np.stack(d), confidence)
+        r = pooled_paired(np.stack([_differences(per_item, ma, mb, s) for s in seeds]), confidence)
         rows.append({"metric": metric, "model_a": ma, "model_b": mb, "test": POOLED_TEST, "diff": r["diff"],
                      "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"], "p_value": r["p_value"],
                      "n_a": r["seeds"] * r["n"], "n_b": r["seeds"] * r["n"]})

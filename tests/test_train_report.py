@@ -337,3 +337,38 @@ def test_precision_check_pairs_the_headline_with_its_twin_in_the_other_precision
     assert row["fid_diff"] == pytest.approx(fid["bf16"] - fid["fp32"])
     assert row["speedup"] == pytest.approx(speed["bf16"] / speed["fp32"])
     assert row["fid_seed_std"] == pytest.approx(comp.set_index("model").loc["vae", "fid_std"])
+
+
+def test_summary_table_shows_the_comparison_numbers():
+    """results/summary.md (the README's table) carries the comparison table's own numbers: each
+    row's bits/dim and FID are its mean ± std over seeds, rounded, and its estimator's name."""
+    comp = _tables()[4].set_index("model")
+    lines = report.summary(comp.reset_index(), None).splitlines()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+    assert set(rows) == set(comp.index)
+    for m, row in comp.iterrows():
+        cells = rows[m]
+        assert cells[1] == f"{row['bpd']:.3f} ± {row['bpd_std']:.3f}"
+        assert cells[2] == row["bpd_estimator"] and cells[3] == ""
+        assert cells[4] == f"{row['fid']:.2f} ± {row['fid_std']:.2f}"
+
+
+def test_views_table_carries_the_first_seeds_solver_check():
+    """The ODE view's solver check comes from the run that has one (the first seed), column by
+    column, and the markdown prints it beside the ODE row; the other seed's runs add nothing."""
+    check = {"tol": 1e-5, "n_examples": 16, "gap_bpd": -0.03, "gap_bpd_se": 0.01, "max_abs_gap_bpd": 0.2,
+             "seconds": 4.0}
+    evals = []
+    runs = []
+    for seed in (0, 1):
+        vlb = {"bpd": 2.0 + seed, "bpd_se": 0.02, "per_example_bpd": [2.0 + seed] * 4}
+        ode = {"bpd": 1.9 + seed, "bpd_se": 0.03, "per_example_bpd": [1.9 + seed] * 2, "n_examples": 2,
+               "nfe": 100, "seconds": 2.0, **({"solver_check": check} if seed == 0 else {})}
+        runs.append({"seed": seed, "fraction": 1.0, "headline": "VLB", "bounds": {"VLB": vlb, "ODE (x)": ode}})
+    evals.append({"model": "ddpm", "runs": runs})
+    views = report.views_table(evals).set_index("model")
+    for k, v in check.items():
+        assert views.loc["ddpm", f"solver_{k}"] == v
+    assert views.loc["ddpm", "ode_minus_vlb"] == pytest.approx(-0.1)
+    lines = report._views_lines(views.reset_index(), "2 seeds")
+    assert any("-0.0300 ± 0.0100 (max 0.2000; 16 images, vs 1e-05)" in ln for ln in lines)
