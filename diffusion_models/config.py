@@ -34,7 +34,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    images: int = 300_000         # the budget: training images seen, same for every model
+    images: int = 300_000         # the cap: at most this many training images seen, the same for
+                                  # every model (a run may stop earlier: `patience`)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -44,13 +45,17 @@ class TrainConfig:
     seed: int = 0                 # the first seed; the runs use seed, seed+1, ..., seed+seeds-1
     seeds: int | None = None      # training runs per model; None: the dataset's default
                                   # (digits 3, mnist/cifar10 1)
-    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
-                                  # budget sweep: checkpoints kept (and evaluated) at these
-                                  # fractions of `images`; 1.0 is always included
+    fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+                                  # the checkpoint grid (log-spaced fractions of the cap `images`;
+                                  # 1.0 is always included): each is scored on validation, the best
+                                  # is the run's selected checkpoint, every one is evaluated on test
+                                  # (the compute frontier)
+    patience: int = 0             # early stopping: stop when the validation bound has not improved
+                                  # for this many grid checkpoints (0: train to the cap)
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
     workers: int = 0              # CPU: training runs (seeds) side by side, in this many processes
-                                  # sharing the threads; 0 = one per thread (at most one per run),
+                                  # sharing the threads; 0 = one per run (at least a thread each),
                                   # 1 = in turn in the stage's process
     log_every: int = 50           # steps between DVCLive points
     val_every: int = 200          # steps between validation bounds on the learning curve (0: off)
@@ -60,12 +65,12 @@ class TrainConfig:
 
 @dataclass
 class ODEEvalConfig:
-    """The probability-flow ODE bound of the diffusion models (ode.py), on the final checkpoints."""
-    enabled: bool = True          # compute it on every run's final checkpoint (the sweep: VLB only)
+    """The probability-flow ODE bound of the diffusion models (ode.py), on the selected checkpoints."""
+    enabled: bool = True          # compute it on every run's selected checkpoint (the grid: VLB only)
     method: str = "dopri5"        # torchdiffeq adaptive solver
     rtol: float = 1e-3            # dopri5's tolerances
     atol: float = 1e-3
-    check_tol: float | None = 1e-5  # the solver check: on the first seed's final checkpoint, the first
+    check_tol: float | None = 1e-5  # the solver check: on the first seed's selected checkpoint, the first
     check_n: int = 16             # check_n images' bound solved again at rtol = atol = check_tol with the
                                   # same draws; their difference is the solver's error (None: no check)
     divergence: str = "hutchinson"  # hutchinson | exact | auto (exact up to D = 64, and for k > 1)
@@ -83,8 +88,8 @@ class ODEEvalConfig:
 @dataclass
 class EvalConfig:
     iwae_k: int = 1000            # importance samples for IWAE-K (models that support it)
-    sweep_iwae_k: int = 100       # IWAE-K of the budget sweep: computed at every checkpoint
-                                  # (the end of the budget too), so one estimator spans the curve
+    sweep_iwae_k: int = 100       # IWAE-K of the frontier: computed at every checkpoint of the grid
+                                  # (the selected one too), so one estimator spans the curve
     t_samples: int = 50           # diffusion: stratified times per example for the Monte Carlo
                                   # estimate of the sum over t (0 = exact sum over all T terms)
     t_spacing: str = "log"        # discrete-time strata of t: 'log' (the lowest t summed exactly,
@@ -121,7 +126,7 @@ class SampleConfig:
     batch_size: int = 256         # samples per sampler call; also the batch of the speed figures
                                   # (first full batch = warm-up, median over the other full ones)
     seed: int = 0                 # sample noise of training seed s: seed + s
-    # sampler grid, run on the first seed's final checkpoint: sampler -> step counts; a model is
+    # sampler grid, run on the first seed's selected checkpoint: sampler -> step counts; a model is
     # run at the entries it supports (diffusion: ancestral (respaced), ddim, dpm++2m)
     grid: dict[str, list[int]] = field(default_factory=lambda: {"ancestral": [10, 20, 50, 100],
                                                                 "ddim": [10, 20, 50, 100],
@@ -130,9 +135,11 @@ class SampleConfig:
                                   # the ODE sampler (diffusion models) in the grid: dopri5 at
                                   # rtol = atol = each of these; NFE is what it used
     precision: str = "fp32"       # the network's precision while sampling, the same on every machine:
-                                  # fp32 | bf16 (autocast; the sampler's own arithmetic stays fp32).
-                                  # The headline setting is also run in the other precision on the
-                                  # first seed's final checkpoint (same noise): results/precision_check.csv
+                                  # fp32 | bf16 (autocast; the sampler's own arithmetic stays fp32)
+    precision_check: bool = False  # also run the headline setting in the other precision on the first
+                                  # seed's selected checkpoint (same noise): results/precision_check.csv
+    bootstrap: int = 100          # FID bootstrap replicates per run (generated samples resampled with
+                                  # replacement, classifier features): compare's intervals and tests
     eta: float = 0.0              # DDIM eta (0: deterministic DDIM, 1: DDPM-like noise)
     spacing: str = "trailing"     # timestep spacing of ddim / dpm++2m: trailing | leading
     kid_subset_size: int = 1000   # KID: subset size (capped at the smaller set) and subsets
@@ -168,8 +175,9 @@ _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", 
              "evaluate.iwae_k", "evaluate.sweep_iwae_k", "evaluate.batch_size", "evaluate.chunk",
              "data.test_size", "features.epochs", "features.width", "features.lr", "features.batch_size",
              "sample.steps", "sample.batch_size", "sample.kid_subset_size", "sample.kid_subsets",
-             "sample.prc_neighborhood"}
+             "sample.prc_neighborhood", "sample.bootstrap"}
 _NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.threads", "train.workers", "train.ema", "train.val_every",
+                 "train.patience",
                  "evaluate.t_samples", "sample.eta"}
 
 

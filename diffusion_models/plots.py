@@ -26,27 +26,24 @@ def _save(fig: Any, path: str) -> None:
     _pyplot().close(fig)
 
 
-def plot_budget_sweep(sweep: pd.DataFrame, path: str, caption: str) -> None:
-    """Bits/dim and FID against training FLOPs (log x), mean ± std over seeds, one line per model."""
+def plot_frontier(frontier: pd.DataFrame, path: str, caption: str) -> None:
+    """The compute frontier: test bits/dim of the best-validation checkpoint within each FLOP
+    budget (log x), mean ± std over seeds, one line per model; closed-form models as lines."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    trained = sweep[sweep["train_flops"] > 0]
-    colours = dict(zip(sweep["model"].unique(), plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(9, 5.4))
+    trained = frontier[frontier["flops"] > 0]
+    colours = dict(zip(frontier["model"].unique(), plt.get_cmap("tab10").colors))
     for model, g in trained.groupby("model", sort=False):
-        g = g.sort_values("train_flops")
-        axes[0].errorbar(g["train_flops"], g["bpd"], yerr=g["bpd_std"].fillna(0), color=colours[model],
-                         marker="o", capsize=3, label=f"{model} ({g['estimator'].iloc[0]})")
-        axes[1].errorbar(g["train_flops"], g["fid"], yerr=g["fid_std"].fillna(0), color=colours[model],
-                         marker="o", capsize=3, label=f"{model} ({g['sampler'].iloc[0]})")
-    for row in sweep[sweep["train_flops"] <= 0].itertuples():  # closed form: a reference line
-        axes[0].axhline(row.bpd, color=colours[row.model], linestyle=":", label=f"{row.model} (closed form)")
-    for ax, ylabel in zip(axes, ("test bits/dim (upper bound)", f"FID ({PRIMARY_EXTRACTOR} features)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (measured)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[1].set_yscale("log")
+        g = g.sort_values("flops")
+        ax.errorbar(g["flops"], g["bpd"], yerr=g["bpd_std"].fillna(0), color=colours[model],
+                    marker="o", capsize=3, label=f"{model} ({g['estimator'].iloc[0]})")
+    for row in frontier[frontier["flops"] <= 0].itertuples():  # closed form: a reference line
+        ax.axhline(row.bpd, color=colours[row.model], linestyle=":", label=f"{row.model} (closed form)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs budget (measured FLOPs per image x images)")
+    ax.set_ylabel("test bits/dim of the best-validation checkpoint")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -279,6 +279,31 @@ def reference_files(cache_root: Path, cache_name: str, extractor: str) -> list[P
             cache_root / f"{cache_name}-{extractor}-stat-fid-{layer}.pt"]
 
 
+def reference_statistics(cache_root: Path, cache_name: str, extractor: str) -> dict[str, Any]:
+    """The reference set's FID statistics (mu, sigma) from torch-fidelity's cache (the
+    `features` stage writes them)."""
+    path = reference_files(cache_root, cache_name, extractor)[1]
+    if not path.is_file():
+        raise QualityError(f"reference statistics missing ({path}): run the `features` stage")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def fid_bootstrap(features: torch.Tensor, reference: dict[str, Any], replicates: int, seed: int) -> list[float]:
+    """FIDs of `replicates` resamples (with replacement, generator seeded with `seed`) of the
+    generated samples' FID features [n, d] against fixed reference statistics, by
+    torch-fidelity's statistics and Fréchet distance: the spread of one run's FID over draws of
+    its samples."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    gen = torch.Generator().manual_seed(seed)
+    n = len(features)
+    out = []
+    for _ in range(replicates):
+        stats = fid_features_to_statistics(features[torch.randint(0, n, (n,), generator=gen)])
+        out.append(float(fid_statistics_to_metric(stats, reference, verbose=False)[KEY_METRIC_FID]))
+    return out
+
+
 def fidelity_metrics(samples: Dataset, reference: Dataset, *, extractor: str, weights: Path,
                      cache_root: Path, cache_name: str, device: torch.device, kid_subset_size: int,
                      kid_subsets: int, prc_neighborhood: int, seed: int,

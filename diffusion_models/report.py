@@ -8,9 +8,10 @@ import pandas as pd
 
 from .pipeline.common import RUN_FIELDS
 
-COMPARISON_COLUMNS = ["model", "family", "params", "seeds", "images_seen", "train_flops",
-                      "train_seconds", "train_seconds_std", "bpd", "bpd_std", "bpd_se", "bpd_estimator",
-                      "tied_bpd", "fid", "fid_std", "fid_test", "fid_test_std", "tied_fid", "fid_extractor",
+COMPARISON_COLUMNS = ["model", "family", "params", "seeds", "images_seen", "images_seen_std", "train_flops",
+                      "train_seconds", "train_seconds_std", "val_bpd", "bpd", "bpd_std", "bpd_se", "bpd_estimator",
+                      "tied_bpd", "fid", "fid_std", "fid_ci_lo", "fid_ci_hi", "fid_test", "fid_test_std", "tied_fid",
+                      "fid_extractor",
                       "fid_inception", "copies", "close_pixel", "close_features", "sampler", "n_samples", "nfe",
                       "samples_per_sec", "samples_per_sec_std", "matched", "dataset", "device"]
 RUN_KEYS = ["model", "seed", "fraction"]
@@ -21,11 +22,12 @@ INCEPTION = "inception-v3-compat"
 
 
 def train_runs(trains: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per training run checkpoint (model, seed, fraction of the budget)."""
+    """One row per training run checkpoint (model, seed, fraction of the cap): its compute, its
+    validation bound, whether it is the run's selected checkpoint and where the run stopped."""
     rows = [{"model": t["model"], "family": t["family"], "params": t["params"], "dataset": t["dataset"],
              "device": t["device"], **{k: r[k] for k in ("seed", "fraction", "images_seen", "steps",
                                                          "train_flops", "train_seconds", "images_per_sec",
-                                                         "final_loss")}}
+                                                         "final_loss", "val_bpd", "selected", "last")}}
             for t in trains for r in t["runs"]]
     return pd.DataFrame(rows)
 
@@ -67,19 +69,21 @@ def sampling_runs(samples: list[dict[str, Any]]) -> pd.DataFrame:
                              **{k: p[k] for k in ("samples_per_sec", "sec_per_sample",
                                                                            "speed_batch", "speed_repeats",
                                                                            "sample_seconds")},
-                             **m, **{f"mem_{k}": v for k, v in p["memorisation"].items()}})
+                             **{k: v for k, v in m.items() if k != "fid_bootstrap"},
+                             **{f"mem_{k}": v for k, v in p["memorisation"].items()}})
     return pd.DataFrame(rows)
 
 
 def _final(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["fraction"] == 1.0]
+    """The rows of each run's selected checkpoint (best validation bound)."""
+    return df[df["selected"].astype(bool)]
 
 
 def runs_table(trains: pd.DataFrame, nll: pd.DataFrame, sampling: pd.DataFrame) -> pd.DataFrame:
-    """One row per run checkpoint: training compute; `bpd` in the estimator the model declares
-    as its headline (`Model.headline_estimator`, at the final checkpoints' IWAE K; NaN where not
-    computed) and `sweep_bpd` in the one it declares at the sweep's K, computed at every
-    checkpoint; the headline sampler's quality and speed."""
+    """One row per run checkpoint: training compute and validation bound; `bpd` in the estimator
+    the model declares as its headline (`Model.headline_estimator`, at the selected checkpoints'
+    IWAE K; NaN elsewhere) and `sweep_bpd` in the one it declares at the sweep's K, computed at
+    every checkpoint (the frontier); the headline sampler's quality and speed (selected only)."""
     head = _final(nll[nll["headline"].astype(bool)]).set_index(RUN_KEYS)
     sweep = nll[nll["sweep"].astype(bool)].set_index(RUN_KEYS)
     s = sampling[sampling["headline"].astype(bool)]
@@ -104,44 +108,67 @@ def _mean_std(g: Any, cols: list[str]) -> pd.DataFrame:
 
 
 def comparison_table(runs: pd.DataFrame, matched: dict[str, str] | None = None,
-                     tied: dict[str, dict[str, list[str]]] | None = None) -> pd.DataFrame:
-    """One row per model at the end of the budget: mean and standard deviation over seeds of
-    the headline bound, FID (training and held-out reference), sampling speed and training
-    time; `bpd_se` is the mean of the runs' standard errors over test examples; memorisation
-    columns are means over seeds; `tied_<metric>`: the models whose difference from this one
-    is not significant (`tied`: significance.tied_with per metric)."""
+                     tied: dict[str, dict[str, list[str]]] | None = None,
+                     fid_ci: dict[str, tuple[float, float]] | None = None) -> pd.DataFrame:
+    """One row per model at its runs' selected checkpoints (best validation bound): mean and
+    standard deviation over seeds of the headline bound, FID (training and held-out reference),
+    sampling speed, training time and images seen at selection; `bpd_se` is the mean of the
+    runs' standard errors over test examples; `fid_ci_lo/hi`: the FID's bootstrap interval over
+    samples and seeds (`fid_ci`: model -> (lo, hi)); memorisation columns are means over seeds;
+    `tied_<metric>`: the models whose difference from this one is not significant
+    (`tied`: significance.tied_with per metric)."""
     final = _final(runs)
     g = final.groupby("model", sort=False)
-    agg = _mean_std(g, ["bpd", "fid", "fid_test", "samples_per_sec", "train_seconds", "fid_inception"])
+    agg = _mean_std(g, ["bpd", "fid", "fid_test", "samples_per_sec", "train_seconds", "fid_inception",
+                        "images_seen"])
     first = g.first()
     inception = [_pm(m, s, ".4f") if st == "ok" else st for m, s, st in
                  zip(agg["fid_inception"], agg["fid_inception_std"], first["inception_status"])]
     ties = {f"tied_{k}": [", ".join((tied or {}).get(k, {}).get(m, [])) for m in first.index] for k in ("bpd", "fid")}
     out = first.assign(
-        seeds=g["seed"].nunique(), images_seen=g["images_seen"].max(), train_flops=g["train_flops"].mean(),
+        seeds=g["seed"].nunique(), train_flops=g["train_flops"].mean(), val_bpd=g["val_bpd"].mean(),
         bpd_se=g["bpd_se"].mean(), fid_inception=inception, matched=[(matched or {}).get(m, "") for m in first.index],
+        fid_ci_lo=[(fid_ci or {}).get(m, (np.nan, np.nan))[0] for m in first.index],
+        fid_ci_hi=[(fid_ci or {}).get(m, (np.nan, np.nan))[1] for m in first.index],
         **{c: agg[c] for c in ("bpd", "bpd_std", "fid", "fid_std", "fid_test", "fid_test_std", "samples_per_sec",
-                               "samples_per_sec_std", "train_seconds", "train_seconds_std")},
+                               "samples_per_sec_std", "train_seconds", "train_seconds_std", "images_seen",
+                               "images_seen_std")},
         **{c: g[v].mean() for c, v in MEMORISATION.items()}, **ties)
     return out.reset_index()[COMPARISON_COLUMNS]
 
 
 def headline_runs(runs: pd.DataFrame, evals: list[dict[str, Any]]) -> dict[tuple[str, int], np.ndarray]:
     """(model, seed) -> every test image's bound (bits/dim) in the run's headline estimator
-    (`runs_table`'s `bpd_estimator`) at the end of the budget: the paired comparison's data."""
+    (`runs_table`'s `bpd_estimator`) at its selected checkpoint: the paired comparison's data."""
     estimator = {(m, s): e for m, s, e in zip(runs["model"], runs["seed"], runs["bpd_estimator"])}
     return {(ev["model"], run["seed"]): np.asarray(run["bounds"][estimator[ev["model"], run["seed"]]]["per_example_bpd"])
-            for ev in evals for run in ev["runs"] if run["fraction"] == 1.0}
+            for ev in evals for run in ev["runs"] if run["selected"]}
+
+
+def fid_replicates(runs: pd.DataFrame, samples: list[dict[str, Any]]
+                   ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, list[float]]]]:
+    """The headline FIDs of the selected checkpoints (classifier features, training reference),
+    model -> seed -> FID, and their bootstrap replicates (the sample stage's), model -> seed ->
+    replicates: the bootstrap test's data."""
+    fids = {m: dict(zip(g["seed"], g["fid"])) for m, g in runs.groupby("model", sort=False)}
+    reps: dict[str, dict[int, list[float]]] = {}
+    for rec in samples:
+        for p in rec["points"]:
+            if p["headline"] and p["selected"]:
+                for row in p["metrics"]:
+                    if "fid_bootstrap" in row:
+                        reps.setdefault(rec["model"], {})[p["seed"]] = row["fid_bootstrap"]
+    return fids, reps
 
 
 def profile_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
-    """Where each diffusion bound's bits come from, at the end of the budget: one row per model,
+    """Where each diffusion bound's bits come from, at the selected checkpoints: one row per model,
     estimator and term (prior, each stratum of time of the diffusion term, reconstruction), bits/dim
     mean and std over seeds; strata carry their times and log-SNR range and bits per unit log SNR.
     The rows of one model and estimator sum to its bound."""
     rows = []
     for ev in evals:
-        for run in (r for r in ev["runs"] if r["fraction"] == 1.0):
+        for run in (r for r in ev["runs"] if r["selected"]):
             for label, b in run["bounds"].items():
                 if "profile" not in b:
                     continue
@@ -164,7 +191,7 @@ def profile_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
-    """The two views of each diffusion model's likelihood at the end of the budget, one row per
+    """The two views of each diffusion model's likelihood at the selected checkpoints, one row per
     model: its VLB and its probability-flow ODE bound (mean, std over seeds; mean SE), and the
     ODE minus the VLB on the same test images (the ODE's subset; paired within each run, then
     mean and std over seeds), with the ODE's NFE and seconds per image."""
@@ -172,7 +199,7 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
     for ev in evals:
         for run in ev["runs"]:
             ode = [label for label in run["bounds"] if label.startswith("ODE")]
-            if run["fraction"] != 1.0 or not ode:
+            if not run["selected"] or not ode:
                 continue
             o = run["bounds"][ode[0]]
             vlb_label = run["headline"]  # the declared bound: the VLB
@@ -197,7 +224,7 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def nll_table(nll: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, estimator) at the end of the budget: mean, std over seeds, mean SE."""
+    """One row per (model, estimator) at the selected checkpoints: mean, std over seeds, mean SE."""
     final = _final(nll)
     terms = [c for c in final.columns if c.startswith("term_")]
     g = final.groupby(["model", "estimator"], sort=False)
@@ -207,15 +234,31 @@ def nll_table(nll: pd.DataFrame) -> pd.DataFrame:
                               "nats_se", "n_test"] + terms]
 
 
-def sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The budget sweep: per (model, fraction), training compute and mean/std over seeds of
-    the bound (one estimator along each model's curve) and of the headline FID."""
-    g = runs.groupby(["model", "fraction"], sort=False)
-    out = g[["images_seen"]].max().join(g[["train_flops", "train_seconds"]].mean()).join(
-        _mean_std(g, ["sweep_bpd", "fid"])).join(g[["sweep_estimator", "sampler"]].first())
-    out = out.join(g["seed"].nunique().rename("seeds"))
-    return out.reset_index().rename(columns={"sweep_bpd": "bpd", "sweep_bpd_std": "bpd_std",
-                                             "sweep_estimator": "estimator"})
+def frontier_runs(runs: pd.DataFrame, budget: int, grids: dict[str, list[float]] | None = None) -> pd.DataFrame:
+    """The compute frontier of each run: for every point of its model's checkpoint grid (`grids`:
+    model -> fractions of the cap, the train records'; by default the checkpoints present), the checkpoint with the best validation bound among those trained with at most
+    `flops` = f x cap x the run's FLOPs per image (a run that stopped early keeps its selection
+    at the later points), with that checkpoint's test bound (`bpd`, the sweep estimator) and
+    images seen. Its `val_bpd` is non-increasing in `flops` by construction; `bpd` need not be."""
+    rows = []
+    for (model, seed), r in runs.sort_values("fraction").groupby(["model", "seed"], sort=False):
+        grid = sorted((grids or {}).get(model) or set(runs.loc[runs["model"] == model, "fraction"]))
+        per_image = r["train_flops"].iloc[0] / max(r["images_seen"].iloc[0], 1)
+        for f in grid:
+            seen = r[r["fraction"] <= f]
+            best = seen.iloc[int(np.argmin(seen["val_bpd"].to_numpy()))]  # the earliest of equals
+            rows.append({"model": model, "seed": seed, "fraction": f, "flops": f * budget * per_image,
+                         "images_seen": best["images_seen"], "selected_fraction": best["fraction"],
+                         "val_bpd": best["val_bpd"], "bpd": best["sweep_bpd"], "estimator": best["sweep_estimator"]})
+    return pd.DataFrame(rows)
+
+
+def frontier_table(frontier: pd.DataFrame) -> pd.DataFrame:
+    """The frontier per (model, grid point): mean/std over seeds of the selected checkpoint's
+    test and validation bounds and images seen, at the mean FLOP budget."""
+    g = frontier.groupby(["model", "fraction"], sort=False)
+    out = g[["flops"]].mean().join(_mean_std(g, ["bpd", "val_bpd", "images_seen"])).join(g[["estimator"]].first())
+    return out.join(g["seed"].nunique().rename("seeds")).reset_index()
 
 
 def stage_times(trains: list[dict[str, Any]], evals: list[dict[str, Any]], samples: list[dict[str, Any]],
@@ -230,14 +273,14 @@ def stage_times(trains: list[dict[str, Any]], evals: list[dict[str, Any]], sampl
 
 
 def grid_rows(sampling: pd.DataFrame) -> pd.DataFrame:
-    """The sampler grid: each model's rows of its first seed's final checkpoint."""
+    """The sampler grid: each model's rows of its first seed's selected checkpoint."""
     final = _final(sampling)
     return final[final["seed"] == final.groupby("model")["seed"].transform("min")]
 
 
 def fid_vs_nfe(sampling: pd.DataFrame, extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
     """The FID-against-NFE points of one extractor (the data of the plot): the sampler grid,
-    run on the first seed's final checkpoint."""
+    run on the first seed's selected checkpoint."""
     grid = grid_rows(sampling)
     ok = grid[(grid["extractor"] == extractor) & (grid["reference"] == "train") & (grid["status"] == "ok")]
     return ok[["model", "seed", "sampler_name", "sampler", "nfe", "fid", "samples_per_sec"]].reset_index(drop=True)
@@ -251,7 +294,7 @@ PRECISION_COLUMNS = ["model", "sampler", "nfe", "headline", "fid_fp32", "fid_bf1
 def precision_check(sampling: pd.DataFrame, comparison: pd.DataFrame,
                     extractor: str = PRIMARY_EXTRACTOR) -> pd.DataFrame:
     """Per model with a network: the headline setting in its precision and, on the same noise
-    (first seed's final checkpoint), in the other one; FID (against the training split) and
+    (first seed's selected checkpoint), in the other one; FID (against the training split) and
     samples/s of each in bf16 and fp32, which of them is the headline's (`headline`), and whether
     the FID moved by less than its spread over seeds (std of the headline FID)."""
     g = grid_rows(sampling)
@@ -288,16 +331,17 @@ class UnmatchedError(ValueError):
 
 
 def matching(runs: list[dict[str, Any]], budget: int) -> dict[str, str]:
-    """Per model: '' when matched, else why not, from its final training runs (model, seed,
-    params, images_seen, train_flops). Closed-form models (no training) are exempt. Every
-    trained run must have seen exactly `budget` images, and each model's parameter count must
-    be within +-10% of the trained models' median."""
+    """Per model: '' when matched, else why not, from the last checkpoint of each of its training
+    runs (model, seed, params, fraction, images_seen, train_flops). Closed-form models (no
+    training) are exempt. Every trained run must have trained to the cap `budget` or stopped
+    early on its validation bound (its last checkpoint before the grid's end, fraction < 1), and
+    each model's parameter count must be within +-10% of the trained models' median."""
     trained = [r for r in runs if r["images_seen"] > 0 or r["train_flops"] > 0]
     median = float(pd.Series({r["model"]: r["params"] for r in trained}).median()) if trained else 0.0
     why: dict[str, list[str]] = {r["model"]: [] for r in runs}
     for r in trained:
-        if r["images_seen"] != budget:
-            why[r["model"]].append(f"seed {r['seed']} saw {r['images_seen']:,} images, budget {budget:,}")
+        if r["images_seen"] != budget and r.get("fraction", 1.0) >= 1.0:
+            why[r["model"]].append(f"seed {r['seed']} saw {r['images_seen']:,} images, cap {budget:,}")
         size = f"{r['params']:,} params, outside ±10% of the median {median:,.0f}"
         if abs(r["params"] - median) > PARAM_TOLERANCE * median and size not in why[r["model"]]:
             why[r["model"]].append(size)
@@ -323,13 +367,16 @@ def provenance(trains: list[dict[str, Any]], budget: int) -> list[str]:
     devices = sorted({t["device"] for t in trains})
     seeds = first["seeds"]
     fractions = max((t["fractions"] for t in trains), key=len)  # closed-form models have only 100%
+    patience = first.get("patience", 0)
     return [
         f"dataset: {first['dataset']} (train {first['n_train']} / validation {first.get('n_val', 0)} / test "
         f"{first['n_test']} images; defaults chosen on validation, tables on test; "
         f"{first['levels']} levels, shape {'x'.join(map(str, first['shape']))})",
-        f"budget: {budget:,} training images seen per model and run (batch {first['batch_size']}); "
-        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) per model; budget sweep checkpoints at "
-        f"{', '.join(f'{f:.0%}' for f in fractions)}",
+        f"budget: at most {budget:,} training images seen per model and run (batch {first['batch_size']}); "
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) per model; checkpoints at "
+        f"{', '.join(f'{f:.1%}'.replace('.0%', '%') for f in fractions)} of the cap, each scored on the validation "
+        f"split, the best one selected (the test split is opened after the selection is fixed); "
+        + (f"early stopping after {patience} checkpoints without improvement" if patience else "no early stopping"),
         f"device: {'; '.join(devices)}",
         f"versions: {versions}",
     ]
@@ -387,7 +434,7 @@ def _views_lines(views: pd.DataFrame | None, over: str) -> list[str]:
             "'Two views of diffusion likelihood'). `ODE − VLB`: on the ODE's images, paired within each run; "
             "negative means the ODE view is tighter. NFE: function evaluations per image of the adaptive "
             "solver; s/image: wall-clock seconds per test image on this run's device. Solver error: on the "
-            "first seed's final checkpoint, the ODE bound of its first test images minus the same draws' bound "
+            "first seed's selected checkpoint, the ODE bound of its first test images minus the same draws' bound "
             "solved at the tighter tolerance (bits/dim, mean ± SE, the largest |difference|).", "",
             v.to_markdown(index=False, disable_numparse=True), ""]
 
@@ -415,7 +462,7 @@ def _fmt(v: Any, spec: str) -> str:
     return "" if pd.isna(v) else format(v, spec)
 
 
-def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, sampling: pd.DataFrame,
+def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, frontier: pd.DataFrame, sampling: pd.DataFrame,
              caption: list[str], timings: pd.DataFrame | None = None,
              significance: pd.DataFrame | None = None, views: pd.DataFrame | None = None,
              precision: pd.DataFrame | None = None) -> str:
@@ -423,14 +470,19 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     fmt = pd.DataFrame({
         "model": comparison["model"], "family": comparison["family"], "params": comparison["params"],
-        "images_seen": comparison["images_seen"], "train_flops": comparison["train_flops"].map(lambda v: f"{v:.3g}"),
+        "images at selection": [_pm(m, s, ",.0f") for m, s in zip(comparison["images_seen"],
+                                                                  comparison["images_seen_std"])],
+        "train_flops": comparison["train_flops"].map(lambda v: f"{v:.3g}"),
         "train_seconds": [_pm(m, s, ".1f") for m, s in zip(comparison["train_seconds"],
                                                            comparison["train_seconds_std"])],
         "bits/dim": [_pm(m, s, ".4f") for m, s in zip(comparison["bpd"], comparison["bpd_std"])],
         "SE": comparison["bpd_se"].map(lambda v: _fmt(v, ".4f")),
         "estimator": comparison["bpd_estimator"],
         "tied (bits/dim)": comparison["tied_bpd"],
+        "val bits/dim": comparison["val_bpd"].map(lambda v: _fmt(v, ".4f")),
         "FID vs train": [_pm(m, s, ".3f") for m, s in zip(comparison["fid"], comparison["fid_std"])],
+        "FID 95% CI": [f"{lo:.2f}–{hi:.2f}" if not pd.isna(lo) else "" for lo, hi in
+                       zip(comparison["fid_ci_lo"], comparison["fid_ci_hi"])],
         "FID vs test": [_pm(m, s, ".3f") for m, s in zip(comparison["fid_test"], comparison["fid_test_std"])],
         "tied (FID)": comparison["tied_fid"],
         "FID (Inception-v3)": comparison["fid_inception"].map(  # the reason is listed below the tables
@@ -450,12 +502,13 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
     terms = [c for c in nfmt.columns if c.startswith("term_")]
     nfmt = nfmt[["model", "estimator", "seeds", "bits/dim", "bpd_se", "nats", "nats_se", "n_test"] + terms]
     wfmt = pd.DataFrame({
-        "model": sweep["model"], "fraction": sweep["fraction"].map(lambda v: f"{v:.0%}"),
-        "images_seen": sweep["images_seen"].map(lambda v: f"{v:,.0f}"),
-        "train_flops": sweep["train_flops"].map(lambda v: f"{v:.3g}"),
-        "bits/dim": [_pm(m, s, ".4f") for m, s in zip(sweep["bpd"], sweep["bpd_std"])],
-        "estimator": sweep["estimator"],
-        f"FID ({PRIMARY_EXTRACTOR})": [_pm(m, s, ".3f") for m, s in zip(sweep["fid"], sweep["fid_std"])],
+        "model": frontier["model"], "budget (of the cap)": frontier["fraction"].map(lambda v: f"{v:.1%}"),
+        "FLOPs": frontier["flops"].map(lambda v: f"{v:.3g}"),
+        "test bits/dim": [_pm(m, s, ".4f") for m, s in zip(frontier["bpd"], frontier["bpd_std"])],
+        "val bits/dim": [_pm(m, s, ".4f") for m, s in zip(frontier["val_bpd"], frontier["val_bpd_std"])],
+        "images at selection": [_pm(m, s, ",.0f") for m, s in zip(frontier["images_seen"],
+                                                                  frontier["images_seen_std"])],
+        "estimator": frontier["estimator"],
     })
     sfmt = grid_rows(sampling)
     sfmt = sfmt[(sfmt["status"] == "ok") & (sfmt["reference"] == "train")].copy()
@@ -472,8 +525,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
     batch = sampling["speed_batch"].iloc[0]
     lines = ["# Model comparison", ""] + [f"- {c}" for c in caption] + [
         "",
-        f"Every figure of the summary is the {over} (sample standard deviation) of the runs at "
-        "the end of the budget. Bounds are upper bounds on -log P(x) of the discrete test images, "
+        f"Every figure of the summary is the {over} (sample standard deviation) of the runs' "
+        "selected checkpoints: each run is scored on the validation split at every checkpoint of its grid "
+        "and the one with the best validation bound is reported (`images at selection`, `val bits/dim`). Bounds are upper bounds on -log P(x) of the discrete test images, "
         "in bits/dim (nats / (D ln 2)); `SE` is the mean over seeds of each run's standard error "
         "over test examples; the estimator is the one the model declares as its headline "
         "(`Model.headline_estimator`: IWAE-K, the K-sample dequantized bound, the VLB, or the exact NLL), "
@@ -487,8 +541,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         "pixels, or in the classifier's features) than 95% of the held-out test images are to theirs "
         "(about 0.05 for a model that does not memorise; near 1 for one that copies). `tied`: models whose "
         "difference from this one is not significant at 5% after Holm's correction over all pairs (bits/dim: "
-        "paired over the test images and pooled over seeds; FID: Welch over seeds; see 'Which differences "
-        "are real'). "
+        "paired over the test images and pooled over seeds; FID: bootstrap over samples and seeds; see "
+        "'Which differences are real'). `FID 95% CI`: the normal bootstrap interval of the mean FID (each "
+        "run's samples resampled, then the seeds). "
         f"Speed: samples/s at batch {batch} after a warm-up batch, median over the other full batches "
         "(device above); NFE = network evaluations per sample. Per-run numbers: `results/runs.csv`.",
         "",
@@ -501,12 +556,17 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         nfmt.to_markdown(index=False, disable_numparse=True),
         "",
     ] + _views_lines(views, over) + [
-        f"## Budget sweep: checkpoints within each run ({over}; one estimator per model along the "
-        "curve, the headline sampler)",
+        f"## Compute frontier ({over}; `results/frontier.png`)",
+        "",
+        "At each budget, a fraction of the cap, the checkpoint with the best validation bound among those "
+        "trained within it, and its test bound in one estimator per model along the curve (the cheaper IWAE-K "
+        "of the sweep where the headline's K is larger). Its validation bound cannot rise with the budget; "
+        "its test bound may, by the validation split's noise. A curve that flattens has reached its plateau "
+        "at this cap; one whose selection stops moving has started to overfit.",
         "",
         wfmt.to_markdown(index=False, disable_numparse=True),
         "",
-        "## Samplers on the first seed's final checkpoint: quality against network evaluations "
+        "## Samplers on the first seed's selected checkpoint: quality against network evaluations "
         "(fid_torchmetrics: the same FID by torchmetrics)",
         "",
         sfmt.to_markdown(index=False, disable_numparse=True),
@@ -519,7 +579,7 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
         for c in ("samples_per_sec_fp32", "samples_per_sec_bf16"):
             pc[c] = pc[c].map(lambda v: _fmt(v, ".1f"))
         pc["speedup"] = pc["speedup"].map(lambda v: _fmt(v, ".2f"))
-        lines += ["## Sampling precision: the headline sampler in bf16 against fp32 (first seed's final "
+        lines += ["## Sampling precision: the headline sampler in bf16 against fp32 (first seed's selected "
                   "checkpoint, the same noise)", "",
                   "The tables above sample with the network in the precision of the `headline` column "
                   "(`sample.precision`, a setting: the same on every machine; fp32 by default). `fid_diff` = FID(bf16) − FID(fp32); `within_seed_spread`: |fid_diff| is "
@@ -536,8 +596,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, sweep: pd.DataFrame, s
                   "Bits/dim: the per-image differences on the same test images, pooled over seeds, with an "
                   "interval that covers both the seed-to-seed and the image-to-image variance (the headline "
                   "test); beside it the Welch t interval over seeds and the paired interval within each seed "
-                  "(that one speaks of these trained networks, not of the training procedure). FID: Welch over "
-                  "seeds. `p_holm`: Holm's adjustment over all pairs of the same metric and test; `tied`: not "
+                  "(that one speaks of these trained networks, not of the training procedure). FID: the normal "
+                  "bootstrap interval, each run's samples resampled with replacement and then the seeds (beside it "
+                  "Welch over seeds). `p_holm`: Holm's adjustment over all pairs of the same metric and test; `tied`: not "
                   "significant at 5% after it (or not computable). Intervals are the unadjusted 95% ones.", "",
                   sig[["metric", "test", "model_a", "model_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
                        "tied"]].to_markdown(index=False, disable_numparse=True), ""]

@@ -6,14 +6,18 @@
   minus model B on the same images), the paired t test (Student 1908);
 - `pooled_paired`: a difference of bounds on the same test images pooled over seeds, with an
   interval that covers both sources of variance (which training seed, which test images);
+- `bootstrap_means` / `pairwise_bootstrap`: a metric with bootstrap replicates per run (FID:
+  each run's generated samples resampled with replacement) resampled again over seeds, for a
+  model's mean and for the difference of two models' means (normal bootstrap interval, Efron &
+  Tibshirani 1993, ch. 13);
 - `holm`: Holm's step-down adjustment of p-values over a family of tests (Holm 1979);
 - `pairwise_welch` / `pairwise_paired` / `pairwise_pooled`: those tests for every unordered
   pair of models, one row per pair, with `p_holm` (over all pairs of that metric and test) and
   `tied` = not significant at 5% after Holm's correction (difference not established);
 - `tied_with`: for each model, the models it is tied with.
 
-Only the t distribution's quantile/tail (`scipy.stats.t.ppf` / `t.sf`) come from scipy; the
-means, variances, degrees of freedom and intervals are computed here.
+Only the t and normal distributions' quantiles/tails come from scipy; the means, variances,
+degrees of freedom and intervals are computed here.
 """
 from __future__ import annotations
 
@@ -23,9 +27,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 from scipy.stats import t as student_t
 
 WELCH_TEST = "Welch t over seeds"
+BOOTSTRAP_TEST = "bootstrap over samples and seeds"
+BOOTSTRAP_SEED = 0  # the resampling over seeds: fixed, so the tables are reproducible
 POOLED_TEST = "paired over test images, pooled over seeds"
 ALPHA = 0.05  # family-wise error rate of each family of pairwise tests (Holm)
 COLUMNS = ["metric", "model_a", "model_b", "test", "diff", "ci_lo", "ci_hi",
@@ -125,6 +132,57 @@ def pooled_paired(d: np.ndarray, confidence: float = 0.95) -> dict:
     df = se2 ** 2 / ((vs ** 2 / (s - 1) if s > 1 else 0.0) + vi ** 2 / (n - 1))
     lo, hi, p = _t_interval(out["diff"], math.sqrt(se2), df, confidence)
     out.update(ci_lo=lo, ci_hi=hi, p_value=p, se=math.sqrt(se2), df=df)
+    return out
+
+
+def bootstrap_means(replicates: dict[int, Sequence[float]], draws: int, rng: np.random.Generator) -> np.ndarray:
+    """`draws` bootstrap replicates of a model's mean over seeds: each draws len(seeds) seeds with
+    replacement and, for each drawn seed, one of its own replicates (a resample of its samples)
+    at random, and averages them. `replicates`: seed -> that run's replicate values."""
+    reps = np.asarray([np.asarray(replicates[s], dtype=np.float64) for s in sorted(replicates)])
+    n_seeds, n_reps = reps.shape
+    seeds = rng.integers(0, n_seeds, size=(draws, n_seeds))
+    return reps[seeds, rng.integers(0, n_reps, size=(draws, n_seeds))].mean(axis=1)
+
+
+def bootstrap_interval(estimate: float, draws: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(ci_lo, ci_hi, two-sided p of 0) of the normal bootstrap interval estimate ± z·sd(draws):
+    centred on the estimate, so the resampled FIDs' upward bias (duplicated samples) moves nothing."""
+    _check_confidence(confidence)
+    se = float(np.std(draws, ddof=1))
+    if not se > 0:
+        return math.nan, math.nan, math.nan
+    half = float(norm.ppf(0.5 + confidence / 2.0)) * se
+    return estimate - half, estimate + half, float(min(1.0, 2.0 * norm.sf(abs(estimate) / se)))
+
+
+def pairwise_bootstrap(values: dict[str, dict[int, float]], replicates: dict[str, dict[int, Sequence[float]]],
+                       metric: str = "fid", draws: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+    """The bootstrap test for every unordered pair of models: diff = mean(a) - mean(b) of the
+    runs' values (model -> seed -> value), its interval from independent `bootstrap_means` of
+    each (model -> seed -> replicates; a fixed generator), Holm over the pairs."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    models = [m for m in values if m in replicates and replicates[m]]
+    boot = {m: bootstrap_means(replicates[m], draws, rng) for m in models}
+    rows = []
+    for ma, mb in itertools.combinations(models, 2):
+        diff = float(np.mean(list(values[ma].values())) - np.mean(list(values[mb].values())))
+        lo, hi, p = bootstrap_interval(diff, boot[ma] - boot[mb], confidence)
+        rows.append({"metric": metric, "model_a": ma, "model_b": mb, "test": BOOTSTRAP_TEST, "diff": diff,
+                     "ci_lo": lo, "ci_hi": hi, "p_value": p, "n_a": len(values[ma]), "n_b": len(values[mb])})
+    return _with_holm(rows)
+
+
+def bootstrap_intervals(values: dict[str, dict[int, float]], replicates: dict[str, dict[int, Sequence[float]]],
+                        draws: int = 2000, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+    """model -> the normal bootstrap interval of its mean over seeds (`bootstrap_means`)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    out = {}
+    for m, reps in replicates.items():
+        if reps:
+            mean = float(np.mean(list(values[m].values())))
+            lo, hi, _ = bootstrap_interval(mean, bootstrap_means(reps, draws, rng), confidence)
+            out[m] = (lo, hi)
     return out
 
 

@@ -45,8 +45,10 @@ class Resume:
 
 
 # TrainConfig fields that do not change what one run computes or reports (the device and
-# threads are in the key as resolved; seeds and fractions choose which runs and snapshots exist)
-_NOT_IN_KEY = ("device", "threads", "workers", "checkpoint_every", "seeds", "fractions", "val_every", "val_t_samples")
+# threads are in the key as resolved; seeds choose which runs exist). The checkpoint grid
+# (`fractions`), the validation bound that selects among them (`val_t_samples`) and `patience`
+# decide where a run stops and which checkpoint is selected: they are in the key.
+_NOT_IN_KEY = ("device", "threads", "workers", "checkpoint_every", "seeds", "val_every")
 
 
 def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, code: str, processes: int = 1) -> dict[str, Any]:
@@ -154,6 +156,19 @@ def snapshot_steps(cfg: TrainConfig, fractions: list[float]) -> dict[int, float]
     return out
 
 
+def should_stop(scores: list[float], patience: int) -> bool:
+    """Early stopping on the checkpoints' validation bounds so far (in training order): True
+    when none of the last `patience` improved on the best before them (patience 0: never)."""
+    if patience <= 0 or len(scores) <= patience:
+        return False
+    return min(scores[-patience:]) >= min(scores[:-patience])
+
+
+def select_checkpoint(scores: list[float]) -> int:
+    """The index of the checkpoint with the best (lowest) validation bound; the earliest of equals."""
+    return min(range(len(scores)), key=lambda i: (scores[i], i))
+
+
 def _validate(model: Model, validate: Callable[[Model], float]) -> float:
     """validate(model) in eval mode without gradients, leaving every RNG state as it was."""
     devices = [model.device] if model.device.type == "cuda" else []
@@ -168,7 +183,7 @@ def _validate(model: Model, validate: Callable[[Model], float]) -> float:
 def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
           log: Callable[[int, int, dict[str, float]], None] | None = None, progress: bool = True,
           resume: Resume | None = None,
-          snapshot: tuple[set[int], Callable[[dict[str, torch.Tensor], TrainResult], None]] | None = None,
+          snapshot: tuple[set[int], Callable[[dict[str, torch.Tensor], TrainResult, float], bool]] | None = None,
           validate: Callable[[Model], float] | None = None,
           ) -> TrainResult:
     """Fit `model` on integer images [N,C,H,W] (already on the model's device).
@@ -183,8 +198,11 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     saved atomically every `resume.every` steps, and a run that finds a state of the same
     model, config and data continues from it, ending bit-identical to an uninterrupted run.
     The state file is removed when training completes. `snapshot` = (steps, save): at each of
-    those steps before the last, save(weights, result so far) (the averaged weights with EMA);
-    the budget sweep's checkpoints.
+    those steps (the last included), save(weights, result so far, validation bound), where
+    `weights` are those evaluated (the averaged weights with EMA) and the bound is
+    `validate(those weights)` (NaN without `validate`): the checkpoints of the selection grid.
+    When save returns True training stops there (early stopping): the result is that step's.
+    The learning curve's validation bound scores the same weights.
     """
     rank, world = _distributed()
     if world > 1 and resume is not None:
@@ -256,15 +274,21 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             point["train/loss"] = mean_loss
             final_loss, window = mean_loss, []
+        scored = ema.module if ema is not None else model  # the weights that are evaluated
         if validate is not None and rank == 0 and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
-            point["val/bpd"] = _validate(model, validate)
+            point["val/bpd"] = _validate(scored, validate)
         if log is not None and point:
             log(step, seen, point)
-        if snapshot is not None and step in snapshot[0] and step < len(sizes):
+        if snapshot is not None and step in snapshot[0]:
             secs = elapsed + time.perf_counter() - start
-            weights = (ema.module if ema is not None else model).state_dict()
-            snapshot[1](weights, TrainResult(seen, step, secs, seen / secs, flops_per_image,
-                                             flops_per_image * seen, final_loss))
+            score = (point["val/bpd"] if "val/bpd" in point else
+                     _validate(scored, validate) if validate is not None else math.nan)
+            stop = snapshot[1](scored.state_dict(), TrainResult(seen, step, secs, seen / secs, flops_per_image,
+                                                                flops_per_image * seen, final_loss), score)
+            if stop and not last:
+                print(f"{model.name} seed {cfg.seed}: stopped early at step {step} ({seen} images seen): "
+                      "the validation bound has not improved for train.patience checkpoints", flush=True)
+                break
         if resume is not None and step % resume.every == 0 and step < len(sizes):
             state = {"key": resume.key, "model": model.state_dict(), "opt": opt.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "rng": _rng_states(gen),
@@ -280,5 +304,5 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     seconds = elapsed + time.perf_counter() - start
     if resume is not None:
         resume.path.unlink(missing_ok=True)
-    return TrainResult(seen, len(sizes), seconds, seen / seconds, flops_per_image,
+    return TrainResult(seen, done, seconds, seen / seconds, flops_per_image,
                        flops_per_image * seen, final_loss)

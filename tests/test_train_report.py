@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_models import models, report
+from diffusion_models.pipeline.common import RUN_FIELDS
 from diffusion_models.config import TrainConfig
 from diffusion_models.models.base import Model
 from diffusion_models.train import TrainingError, batch_sizes, measure_flops, snapshot_steps, train
@@ -93,20 +94,22 @@ def _fid(model, seed, fraction, nfe):
 
 def _records():
     """train/evaluate/sample records as the stages write them: baseline (closed form, 100%
-    only) and vae (seeds x fractions; IWAE-10 only at 100%), a ddim grid on vae seed 0."""
+    only) and vae (seeds x fractions; validation best at 100%, so selected there; IWAE-10 only
+    there), samples of the selected checkpoints, a ddim grid on vae seed 0."""
     trains, evals, samples = [], [], []
     for m, fam in (("baseline", "baseline"), ("vae", "vae")):
         fr = (1.0,) if m == "baseline" else FRACTIONS
         runs = [{"seed": s, "fraction": f, "images_seen": 0 if m == "baseline" else int(100 * f),
                  "steps": 0 if m == "baseline" else int(10 * f),
                  "train_flops": 0.0 if m == "baseline" else 1e9 * f, "train_seconds": 1.0 + s,
-                 "images_per_sec": 100.0, "final_loss": 1.0} for s in SEEDS for f in fr]
+                 "images_per_sec": 100.0, "final_loss": 1.0, "val_bpd": _bpd(m, "ELBO", s, f) + 0.01,
+                 "selected": f == 1.0, "last": f == 1.0} for s in SEEDS for f in fr]
         trains.append({"model": m, "family": fam, "params": 10, "dataset": "digits", "device": "cpu",
                        "seeds": list(SEEDS), "fractions": list(fr), "n_train": 1500, "n_test": 297, "levels": 17,
                        "shape": [1, 8, 8], "batch_size": 128, "versions": {"torch": "x"}, "runs": runs})
         ests = ["exact"] if m == "baseline" else ["ELBO", "IWAE-2", "IWAE-10"]
         head = (lambda r: "exact") if m == "baseline" else (lambda r: "IWAE-10" if r["fraction"] == 1.0 else "IWAE-2")
-        evals.append({"model": m, "runs": [{**{k: r[k] for k in ("seed", "fraction", "images_seen", "train_flops")},
+        evals.append({"model": m, "runs": [{**{k: r[k] for k in RUN_FIELDS},
                                             "headline": head(r), "sweep_estimator": "exact" if m == "baseline" else "IWAE-2",
                                             "bounds": {e: {"bpd": (v := _bpd(m, e, r["seed"], r["fraction"])),
                                                            "bpd_se": 0.01 * (1 + r["seed"]),
@@ -117,7 +120,7 @@ def _records():
 
         def point(r, sampler, nfe, headline):
             fid = _fid(m, r["seed"], r["fraction"], nfe)
-            return {**{k: r[k] for k in ("seed", "fraction", "images_seen", "train_flops")}, "sampler": sampler,
+            return {**{k: r[k] for k in RUN_FIELDS}, "sampler": sampler,
                     "steps": None if sampler == "ancestral" else nfe, "label": f"{sampler}, {nfe} steps",
                     "headline": headline, "nfe": nfe, "speed_batch": 8, "speed_repeats": 3, "sec_per_batch": 0.5,
                     "samples_per_sec": 16.0 + r["seed"], "sec_per_sample": 1 / 16, "sample_seconds": 2.0,
@@ -135,9 +138,9 @@ def _records():
         samples.append({"model": m, "n_samples": 50, "references": {"train": "train split (9 images)",
                                                                     "test": "test split (4 images)"},
                         "dataset": "digits",
-                        "device": "cpu", "points": [p for r in runs for p in [point(r, "ancestral", 1, True)] + (
-                            [point(r, "ddim", 10, False)] if m == "vae" and r["seed"] == 0 and r["fraction"] == 1.0
-                            else [])]})
+                        "device": "cpu", "points": [p for r in runs if r["selected"]
+                                                    for p in [point(r, "ancestral", 1, True)] + (
+                            [point(r, "ddim", 10, False)] if m == "vae" and r["seed"] == 0 else [])]})
     return trains, evals, samples
 
 
@@ -148,7 +151,7 @@ def _tables():
 def _tables_of(trains, evals, samples):
     tr, nll_runs, sampling = report.train_runs(trains), report.nll_runs(evals), report.sampling_runs(samples)
     runs = report.runs_table(tr, nll_runs, sampling)
-    matched = report.check_matched(tr[tr["fraction"] == 1.0].to_dict("records"), 100, False)
+    matched = report.check_matched(tr[tr["last"]].to_dict("records"), 100, False)
     return trains, runs, nll_runs, sampling, report.comparison_table(runs, matched)
 
 
@@ -184,7 +187,7 @@ def test_tables_report_mean_and_std_over_seeds_of_the_per_seed_numbers():
     import statistics
 
     trains, runs, nll_runs, sampling, comp = _tables()
-    assert len(runs) == 3 + 6 and len(sampling) == 4 * (3 + 6 + 1)  # 2 extractors x 2 references
+    assert len(runs) == 3 + 6 and len(sampling) == 4 * (3 + 3 + 1)  # 2 extractors x 2 references
     row = comp.set_index("model").loc["vae"]
     bpd = [_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS]  # the declared headline estimator at 100%
     fid = [_fid("vae", s, 1.0, 1) for s in SEEDS]         # the headline sampler, not the grid
@@ -208,19 +211,19 @@ def test_tables_report_mean_and_std_over_seeds_of_the_per_seed_numbers():
     elbo = [_bpd("vae", "ELBO", s, 1) for s in SEEDS]
     assert nll.loc[("vae", "ELBO"), "bpd_std"] == pytest.approx(statistics.stdev(elbo))
     assert list(nll.index) == [("baseline", "exact"), ("vae", "ELBO"), ("vae", "IWAE-2"), ("vae", "IWAE-10")]
-    # the sweep follows one estimator (IWAE-2: the tightest computed at every checkpoint)
-    sweep = report.sweep_table(runs).set_index(["model", "fraction"])
-    assert (sweep.loc["vae", "estimator"] == "IWAE-2").all()
+    # the frontier follows one estimator (IWAE-2: the tightest computed at every checkpoint)
+    frontier = report.frontier_table(report.frontier_runs(runs, 100)).set_index(["model", "fraction"])
+    assert (frontier.loc["vae", "estimator"] == "IWAE-2").all()
     half = [_bpd("vae", "IWAE-2", s, 0.5) for s in SEEDS]
-    assert sweep.loc[("vae", 0.5), "bpd"] == pytest.approx(statistics.mean(half))
-    assert sweep.loc[("vae", 0.5), "bpd_std"] == pytest.approx(statistics.stdev(half))
-    assert sweep.loc[("vae", 0.5), "images_seen"] == 50 and sweep.loc[("vae", 1.0), "train_flops"] == 1e9
+    assert frontier.loc[("vae", 0.5), "bpd"] == pytest.approx(statistics.mean(half))
+    assert frontier.loc[("vae", 0.5), "bpd_std"] == pytest.approx(statistics.stdev(half))
+    assert frontier.loc[("vae", 0.5), "images_seen"] == 50 and frontier.loc[("vae", 1.0), "flops"] == 1e9
     assert list(report.fid_vs_nfe(sampling)["fid"]) == [_fid("baseline", 0, 1.0, 1), _fid("vae", 0, 1.0, 1),
                                                         _fid("vae", 0, 1.0, 10)]  # seed 0 only
-    md = report.markdown(comp, report.nll_table(nll_runs), report.sweep_table(runs), sampling,
-                         report.provenance(trains, 100))
-    assert "dataset: digits" in md and "budget: 100 training images" in md and "versions: torch x" in md
-    assert "3 seeds (0, 1, 2)" in md and "checkpoints at 50%, 100%" in md
+    md = report.markdown(comp, report.nll_table(nll_runs), report.frontier_table(report.frontier_runs(runs, 100)),
+                         sampling, report.provenance(trains, 100))
+    assert "dataset: digits" in md and "budget: at most 100 training images" in md and "versions: torch x" in md
+    assert "3 seeds (0, 1, 2)" in md and "checkpoints at 50%, 100% of the cap" in md
     assert f"{statistics.mean(bpd):.4f} ± {statistics.stdev(bpd):.4f}" in md
     assert "not available: no weights at w.pth" in md
 
@@ -273,7 +276,7 @@ def test_unmatched_runs_are_refused_naming_the_models_unless_allowed():
     with pytest.raises(report.UnmatchedError) as e:
         report.check_matched(recs, 100, allow_unmatched=False)
     msg = str(e.value)
-    assert "short (seed 1 saw 50 images, budget 100)" in msg
+    assert "short (seed 1 saw 50 images, cap 100)" in msg
     assert "huge (100 params, outside ±10% of the median 11)" in msg
     assert "baseline" not in msg and "vae (" not in msg and "big (" not in msg
     col = report.check_matched(recs, 100, allow_unmatched=True)
@@ -281,6 +284,10 @@ def test_unmatched_runs_are_refused_naming_the_models_unless_allowed():
     assert col["short"].startswith("no: seed 1 saw 50 images") and col["huge"].startswith("no: 100 params")
     assert report.check_matched([closed, run], 100, allow_unmatched=False) == {
         "baseline": "closed form", "vae": "yes"}
+    # a run that stopped early on its validation bound (its last checkpoint before the grid's end)
+    # is trained under the same cap: matched
+    stopped = dict(run, model="stopped", images_seen=50, fraction=0.5)
+    assert report.check_matched([run, stopped], 100, allow_unmatched=False)["stopped"] == "yes"
 
 
 def test_latex_table_is_a_booktabs_tabular_with_one_row_per_model():
@@ -305,7 +312,7 @@ def test_one_seed_reports_the_mean_alone():
     one = report.comparison_table(runs[runs["seed"] == 0])
     assert one["bpd_std"].isna().all() and (one["seeds"] == 1).all()
     seed0 = runs["seed"] == 0
-    md = report.markdown(one, report.nll_table(nll_runs[nll_runs["seed"] == 0]), report.sweep_table(runs[seed0]),
+    md = report.markdown(one, report.nll_table(nll_runs[nll_runs["seed"] == 0]), report.frontier_table(report.frontier_runs(runs[seed0], 100)),
                          sampling, report.provenance(trains, 100))
     assert "nan" not in md and "one seed" in md
     assert "nan" not in report.latex(one, "one seed")
@@ -364,7 +371,8 @@ def test_views_table_carries_the_first_seeds_solver_check():
         vlb = {"bpd": 2.0 + seed, "bpd_se": 0.02, "per_example_bpd": [2.0 + seed] * 4}
         ode = {"bpd": 1.9 + seed, "bpd_se": 0.03, "per_example_bpd": [1.9 + seed] * 2, "n_examples": 2,
                "nfe": 100, "seconds": 2.0, **({"solver_check": check} if seed == 0 else {})}
-        runs.append({"seed": seed, "fraction": 1.0, "headline": "VLB", "bounds": {"VLB": vlb, "ODE (x)": ode}})
+        runs.append({"seed": seed, "fraction": 1.0, "selected": True, "headline": "VLB",
+                     "bounds": {"VLB": vlb, "ODE (x)": ode}})
     evals.append({"model": "ddpm", "runs": runs})
     views = report.views_table(evals).set_index("model")
     for k, v in check.items():

@@ -62,7 +62,9 @@ def stage_sources(stage: str) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-RUN_FIELDS = ("seed", "fraction", "images_seen", "train_flops")  # what identifies a checkpoint in records
+# what identifies a checkpoint in records: its run, grid point and compute; its validation bound
+# and whether it is the run's selected checkpoint (the best validation bound: what tables report)
+RUN_FIELDS = ("seed", "fraction", "images_seen", "train_flops", "val_bpd", "selected")
 
 _START = [time.perf_counter()]
 
@@ -154,8 +156,9 @@ def unchanged(path: Path, inputs: dict[str, Any]) -> bool:
 
 
 def train_record(cfg: Config, name: str) -> dict[str, Any]:
-    """What the train stage recorded for `name`, including its runs (seed, fraction,
-    checkpoint, training result); refused if params now give other seeds."""
+    """What the train stage recorded for `name`, including its runs (a row per checkpoint: seed,
+    fraction, path, training result, validation bound, `selected`); refused if params now give
+    other seeds."""
     model_overrides(cfg, name)
     rec = read_json(TRAIN_RECORDS / f"{name}.json")
     if rec["seeds"] != run_seeds(cfg):
@@ -182,16 +185,18 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -> tuple[int, int]:
     """(worker processes, intra-op threads each) for `n_runs` independent training runs. On a
-    CPU: one process per thread of this process (`train.workers` caps it), at most one per run,
-    the threads shared out between them; small convolutions use two threads poorly, so on the
-    2-core Intel Xeon two one-thread runs side by side trained 1.1-1.7x faster than the same
-    runs in turn (benchmarks: test_parallel_runs; README, "Performance"). On a GPU, under
-    torchrun, or for a single run: the runs in turn in this process, with its threads."""
+    CPU: one process per run (`train.workers` caps it), the threads shared out between them and
+    at least one each; small convolutions use two threads poorly, so on the 2-core Intel Xeon
+    two one-thread runs side by side trained 1.1-1.7x faster than the same runs in turn
+    (benchmarks: test_parallel_runs; README, "Performance"). With more runs than threads (three
+    seeds on two cores) every run still gets its own one-thread process, so no core idles
+    while the last run trains alone. On a GPU, under torchrun, or for a single run: the runs in
+    turn in this process, with its threads."""
     threads = torch.get_num_threads()  # after setup_torch: train.threads, or the library default
     if dev.type != "cpu" or world > 1 or n_runs < 2 or cfg.train.workers == 1:
         return 1, threads
-    workers = min(n_runs, cfg.train.workers or threads, threads)
-    return workers, threads // workers
+    workers = min(n_runs, cfg.train.workers or n_runs)
+    return workers, max(1, threads // workers)
 
 
 _WORKER: dict[str, Any] = {}  # in a worker process of in_workers: its message queue

@@ -13,10 +13,12 @@ from .common import (EVAL_RECORDS, METRICS, PREPARED, RUN_FIELDS, code_digest, f
 
 
 def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    """IWAE at `sweep_iwae_k` on every checkpoint and at `iwae_k` on the final ones (models
-    with IWAE); the other estimators everywhere. The final checkpoints also keep every test
-    image's bound (for the paired comparisons of `compare`). Nothing is recomputed when the
-    checkpoints, the test split, the settings and the scoring code are those of the record."""
+    """IWAE at `sweep_iwae_k` on every checkpoint of the grid (the frontier) and at `iwae_k` on
+    each run's selected one (models with IWAE); the other estimators everywhere but the ODE
+    (selected checkpoints only). The selected checkpoints also keep every test image's bound
+    (for the paired comparisons of `compare`). The selection was fixed by the train stage on
+    validation before this opens the test split. Nothing is recomputed when the checkpoints,
+    the test split, the settings and the scoring code are those of the record."""
     dev = setup_torch(cfg, device)
     runs = train_record(cfg, name)["runs"]
     path = EVAL_RECORDS / f"{name}.json"
@@ -30,10 +32,10 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     out = []
     for run in runs:
         model = load_model(cfg, name, dev, run["checkpoint"])
-        final = run["fraction"] == 1.0
+        final = run["selected"]
         ks = [cfg.evaluate.sweep_iwae_k] + ([cfg.evaluate.iwae_k] if final else [])
         first = final and run["seed"] == runs[0]["seed"]
-        ode = dataclasses.replace(cfg.evaluate.ode, enabled=final and cfg.evaluate.ode.enabled,  # final only;
+        ode = dataclasses.replace(cfg.evaluate.ode, enabled=final and cfg.evaluate.ode.enabled,  # selected only;
                                   check_tol=cfg.evaluate.ode.check_tol if first else None)  # check: first seed
         ecfg = dataclasses.replace(cfg.evaluate, ode=ode)
         bounds = evaluate_bounds(model, x, ecfg, iwae_ks=ks, per_example=final)
@@ -48,7 +50,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
               "runs": out, "device": device_label(dev), "eval_config": dataclasses.asdict(cfg.evaluate),
               "versions": versions(), "inputs": inputs}
     write_record(path, record)
-    final = [r["bounds"][r["headline"]] for r in out if r["fraction"] == 1.0]
-    write_json(METRICS / f"{name}.json", {  # the declared headline bound, mean over seeds of the final checkpoints
+    final = [r["bounds"][r["headline"]] for r in out if r["selected"]]
+    write_json(METRICS / f"{name}.json", {  # the declared headline bound, mean over seeds of the selected checkpoints
         k: statistics.fmean(b[k] for b in final) for k in ("bpd", "bpd_se")})
     return record

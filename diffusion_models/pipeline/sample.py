@@ -36,8 +36,8 @@ def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], li
     """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
     own default when it has no such sampler), and the grid's settings the model supports, the
     headline first (kwargs for `draw_samples`: `Model.sample`'s and, for models with a network,
-    its `precision`, `sample.precision`; the headline's twin in the other precision comes
-    second: the precision check). Settings only: nothing here measures the machine, so the
+    its `precision`, `sample.precision`; with `sample.precision_check`, the headline's twin in
+    the other precision comes second). Settings only: nothing here measures the machine, so the
     same params give the same points everywhere."""
     from ..samplers import SOLVERS
 
@@ -59,8 +59,8 @@ def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], li
     # the network in `precision`, but the adaptive ODE solver's error control in fp32
     precision = cfg.sample.precision
     grid = [{**kw, "precision": "fp32" if kw.get("sampler") == "ode" else precision} for kw in grid]
-    other = "fp32" if precision == "bf16" else "bf16"  # the check: the headline in the other precision
-    grid.insert(1, {**grid[0], "precision": other})
+    if cfg.sample.precision_check:  # the headline in the other precision
+        grid.insert(1, {**grid[0], "precision": "fp32" if precision == "bf16" else "bf16"})
     return grid[0], grid
 
 
@@ -89,13 +89,14 @@ class _Memorisation:
 
 
 def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    """For each run's checkpoints: n_samples from the headline sampler (timing the batches), then
-    FID/KID/PR per extractor against both references and the memorisation check; on the first
-    seed's final checkpoint, the whole sampler grid and an image grid of the headline samples.
-    Nothing is recomputed when checkpoints, references, settings and code are those of the record."""
+    """For each run's selected checkpoint: n_samples from the headline sampler (timing the
+    batches), then FID/KID/PR per extractor against both references, the FID's bootstrap
+    replicates (classifier features, training reference) and the memorisation check; on the
+    first seed's, the whole sampler grid and an image grid of the headline samples. Nothing is
+    recomputed when checkpoints, references, settings and code are those of the record."""
     spaces = extractors(cfg)  # fail before sampling
     dev = setup_torch(cfg, device)
-    runs = train_record(cfg, name)["runs"]
+    runs = [r for r in train_record(cfg, name)["runs"] if r["selected"]]
     s = cfg.sample
     n = s.n_samples or data.spec(cfg.data.name).fid_samples
     path = SAMPLE_RECORDS / f"{name}.json"
@@ -116,7 +117,7 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     for run in runs:
         model = load_model(cfg, name, dev, run["checkpoint"])
         headline, grid = sampler_points(cfg, model)
-        first = run["seed"] == runs[0]["seed"] and run["fraction"] == 1.0
+        first = run["seed"] == runs[0]["seed"]
         for kw in grid if first else [headline]:
             gen = torch.Generator(device=dev).manual_seed(s.seed + run["seed"])
             images, speed = draw_samples(model, n, s.batch_size, gen, **kw)
@@ -139,6 +140,11 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
                         if ref == "train":  # the same FID by a second library
                             row["fid_torchmetrics"] = tm_fid[extractor](samples)
                             row["fid_rel_diff"] = abs(row["fid_torchmetrics"] - row["fid"]) / max(abs(row["fid"]), 1e-12)
+                        if ref == "train" and extractor == quality.CLASSIFIER and kw == headline:
+                            row["fid_bootstrap"] = quality.fid_bootstrap(
+                                quality.classifier_features(weights, images, model.levels),
+                                quality.reference_statistics(REFERENCE_CACHE, cache_name(refs[ref], ref, digest),
+                                                             extractor), s.bootstrap, s.seed + run["seed"])
                     rows.append(row)
             point = {**{k: run[k] for k in RUN_FIELDS}, "sampler": kw.get("sampler", "ancestral"),
                      "steps": kw.get("steps"), "label": label, "precision": kw.get("precision", "fp32"),
@@ -160,9 +166,9 @@ def sample(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
               "versions": versions(),
               "inputs": inputs}
     write_record(path, record)
-    final = [p for p in results if p["headline"] and p["fraction"] == 1.0]
+    final = [p for p in results if p["headline"]]
     fid = lambda p, ref: next(r["fid"] for r in p["metrics"] if r["reference"] == ref)  # noqa: E731
-    write_json(METRICS / f"{name}.sample.json", {  # mean over seeds: headline sampler, final checkpoints
+    write_json(METRICS / f"{name}.sample.json", {  # mean over seeds: headline sampler, selected checkpoints
         "fid": statistics.fmean(fid(p, "train") for p in final),
         "samples_s": statistics.fmean(p["samples_per_sec"] for p in final)})
     return record

@@ -1,5 +1,6 @@
 """The `prepare` and `train@<model>` stages: the fixed splits, then one run per seed with
-checkpoints at the budget sweep's fractions; kept runs, resume and the learning curves."""
+checkpoints on a grid of the cap, each scored on validation (the selection: the test split is
+never opened here); early stopping, kept runs, resume and the learning curves."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ from ..config import Config, EvalConfig
 from ..likelihood import bits_per_dim
 from ..runtime import (device_label, intra_op_threads, read_json, seed_everything, versions, write_json,
                        write_text)
-from ..train import Resume, run_key, snapshot_steps
+from ..train import Resume, run_key, select_checkpoint, should_stop, snapshot_steps
 from ..train import train as fit
 from .common import (CHECKPOINTS, LIVE, METRICS, PREPARED, RESUME, TRAIN_RECORDS, checkpoint_path,
                      code_digest, in_workers, model_overrides, parallel_runs, run_seeds, setup_torch, split,
@@ -70,6 +71,24 @@ def _prepare_resume(resume: Resume | None, steps: dict[int, float], done: dict[f
     return True
 
 
+def complete(done: dict[float, Any], fractions: list[float], patience: int) -> bool:
+    """Whether checkpoints `done` (fraction -> result with `val_bpd`) are a whole run: every grid
+    point, or the first ones up to where `patience` stopped it."""
+    have = sorted(done)
+    if have != sorted(fractions)[: len(have)] or not have:
+        return False
+    return len(have) == len(fractions) or should_stop([done[f]["val_bpd"] for f in have], patience)
+
+
+def checkpoint_runs(name: str, seed: int, done: dict[float, Any]) -> list[dict[str, Any]]:
+    """The record's rows of one run: a row per checkpoint in training order, `selected` on the
+    one with the best validation bound (what the tables report), `last` on where it stopped."""
+    order = sorted(done)
+    best = order[select_checkpoint([done[f]["val_bpd"] for f in order])]
+    return [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **done[f],
+             "selected": f == best, "last": f == order[-1]} for f in order]
+
+
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,8 +98,9 @@ def _init_distributed(dev: torch.device) -> tuple[int, int]:
 
 
 def validation_bound(model: models.Model, val: torch.Tensor, t_samples: int, batch: int = 512):
-    """The learning curve's held-out score: the model's first (cheapest) estimator on the
-    validation split (ELBO, a VLB with `t_samples` strata of t, ...), bits/dim, fixed noise."""
+    """The held-out score of the learning curve and of checkpoint selection: the model's first
+    (cheapest) estimator on the validation split (ELBO, a VLB with `t_samples` strata of t, ...),
+    bits/dim, fixed noise."""
     _, kwargs = model.estimators(EvalConfig(iwae_k=1, t_samples=t_samples))[0]
     torch.manual_seed(0)
     nats = torch.cat([model.nll_bound(val[i: i + batch], **kwargs) for i in range(0, len(val), batch)])
@@ -114,9 +134,10 @@ def _fit_run(cfg: Config, name: str, seed: int, device: str, key: dict[str, Any]
              send: Callable[[tuple[int, int, int, dict[str, float]]], None] | None = None,
              ) -> dict[float, Any]:
     """Train run `seed` (resumed from its saved state when there is one of this very run) and
-    save its budget-sweep checkpoints; `done` holds those already on disk. In the stage's
-    process or in a worker of its own (`in_workers`); the learning-curve points go to `send`.
-    Returns fraction -> training result."""
+    save its checkpoints on the grid (`train.fractions` of the cap), each with its validation
+    bound, stopping early per `train.patience`; `done` holds those already on disk. In the
+    stage's process or in a worker of its own (`in_workers`); the learning-curve points go to
+    `send`. Returns fraction -> training result with `val_bpd`."""
     dev = torch.device(device)
     train_ds = split(cfg, "train")
     images, val = to_tensor(train_ds, dev), to_tensor(split(cfg, "val"), dev)
@@ -131,25 +152,30 @@ def _fit_run(cfg: Config, name: str, seed: int, device: str, key: dict[str, Any]
     if not _prepare_resume(resume, steps, done, curve) and rank == 0:
         shutil.rmtree(curve, ignore_errors=True)
 
-    def save(fraction: float, result: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """This run's checkpoint at a budget fraction (rank 0 writes it)."""
-        done[fraction] = result.as_dict()
+    def save(fraction: float, weights: dict[str, torch.Tensor], result: Any, score: float) -> bool:
+        """This run's checkpoint at a grid point with its validation bound (rank 0 writes it);
+        whether to stop here (`train.patience`)."""
+        done[fraction] = {**result.as_dict(), "val_bpd": score}
         if rank == 0:
             models.save(model, checkpoint_path(name, seed, fraction), state_dict=weights,
-                        resolved=resolved, train=result.as_dict(), run_key=key)
+                        resolved=resolved, train=done[fraction], run_key=key)
+        return should_stop([done[f]["val_bpd"] for f in sorted(done)], tcfg.patience)
 
     log = (lambda step, seen, point: send((seed, step, seen, point))) if send is not None else None
-    result = fit(model, images, tcfg, log=log, progress=rank == 0, resume=resume,
-                 validate=lambda m: validation_bound(m, val, cfg.train.val_t_samples),
-                 snapshot=(set(steps), lambda weights, r: save(steps[r.steps], r, weights)))
-    save(1.0, result)
+    score = functools.partial(validation_bound, val=val, t_samples=cfg.train.val_t_samples)
+    result = fit(model, images, tcfg, log=log, progress=rank == 0, resume=resume, validate=score,
+                 snapshot=(set(steps), lambda weights, r, v: save(steps[r.steps], weights, r, v)))
+    if not done:  # fitted in closed form (no steps, no snapshot): one checkpoint, scored here
+        with torch.no_grad():
+            save(1.0, model.state_dict(), result, score(model))
     print(f"trained {name} seed {seed}: {result.images_seen} images in {result.train_seconds:.1f}s "
           f"({result.images_per_sec:.0f} img/s), params {model.num_params():,}", flush=True)
     return done
 
 
 def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    """Train one run per seed, keeping checkpoints at the budget sweep's fractions. A run whose
+    """Train one run per seed, keeping checkpoints on the grid with their validation bounds and
+    marking the best one `selected` (what evaluate and sample report). A run whose
     checkpoints are all present from an earlier, identical run (same model, training config,
     seed, data and code) is kept, so a stage killed mid-way loses nothing already trained;
     when every run is kept and the record would not change, nothing is rewritten. On a CPU
@@ -168,7 +194,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     seeds, code = run_seeds(cfg), code_digest(name, "train")
     probe = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
     trainable = any(p.requires_grad for p in probe.parameters())
-    fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: no sweep
+    fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: one
     workers, threads = parallel_runs(cfg, len(seeds), dev, world) if trainable else (1, torch.get_num_threads())
     with intra_op_threads(threads):  # each run's threads: what its key and the record's device name
         label = device_label(dev) + (f", {workers} runs side by side" if workers > 1 else "")
@@ -177,7 +203,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
             key = run_key(probe, images, dataclasses.replace(cfg.train, seed=seed), code, processes=world)
             done = {f: r for f in fractions if (r := _kept_run(checkpoint_path(name, seed, f), key)) is not None}
             runs_done[seed] = done
-            if world == 1 and len(done) == len(fractions):
+            if world == 1 and complete(done, fractions, cfg.train.patience):
                 print(f"{name} seed {seed}: kept from an earlier identical run")
             else:
                 todo.append((cfg, name, seed, str(dev), key, fractions, done, rank, world))
@@ -199,14 +225,13 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
             runs_done.update({job[2]: done for job, done in zip(todo, trained)})
     if rank != 0:  # rank 0 writes the outputs
         return {}
-    runs = [{"seed": seed, "fraction": f, "checkpoint": str(checkpoint_path(name, seed, f)), **runs_done[seed][f]}
-            for seed in seeds for f in fractions]
+    runs = [run for seed in seeds for run in checkpoint_runs(name, seed, runs_done[seed])]
     record = {
         "model": name, "family": probe.family, "params": probe.num_params(),
         "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
         "n_train": meta["n_train"], "n_val": meta["n_val"], "n_test": meta["n_test"],
         "budget_images": cfg.train.images, "batch_size": cfg.train.batch_size, "seeds": seeds,
-        "fractions": fractions, "processes": world,
+        "fractions": fractions, "patience": cfg.train.patience, "processes": world,
         "device": label, "versions": versions(),
         "config": {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
                    "model": dataclasses.asdict(probe.cfg)},
@@ -219,8 +244,9 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
             print(f"{name}: every run kept, record unchanged")
             return old
     write_record(path, record)
-    final = [r for r in runs if r["fraction"] == 1.0]
+    selected = [r for r in runs if r["selected"]]
     write_json(METRICS / f"{name}.train.json", {  # compact keys: `dvc metrics show` fits a terminal
-        "tflops": statistics.fmean(r["train_flops"] for r in final) / 1e12,
-        "train_s": statistics.fmean(r["train_seconds"] for r in final)})
+        "tflops": statistics.fmean(r["train_flops"] for r in selected) / 1e12,
+        "kimg": statistics.fmean(r["images_seen"] for r in selected) / 1e3,
+        "val_bpd": statistics.fmean(r["val_bpd"] for r in selected)})
     return record
