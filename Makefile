@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine (see README):
 #   make repro   - create .venv, install the pinned dependencies, run `dvc repro`
 #   make test    - the same set-up if needed, then the whole test suite (slow tests included)
+#   make reference - the reference configuration (reference/params.yaml; about 80 min on 2 cores)
 PYTHON ?= python3
 VENV   := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro reference test bench clean-venv
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ setup: $(VENV)/.installed
 
 repro: setup
 	dvc repro
+
+reference: setup
+	cd reference && dvc repro
 
 test: setup
 	python -m pytest tests

@@ -296,6 +296,7 @@ def fid_bootstrap(features: torch.Tensor, reference: dict[str, Any], replicates:
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
     gen = torch.Generator().manual_seed(seed)
+    features = features.to(torch.from_numpy(reference["mu"]).dtype)  # as torch-fidelity's own FID computes it
     n = len(features)
     out = []
     for _ in range(replicates):

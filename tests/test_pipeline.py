@@ -18,11 +18,12 @@ TINY = {
     "data": {"name": "digits"},
     "train": {"images": 256, "batch_size": 64, "seed": 0, "seeds": 2, "fractions": [0.5, 1.0], "device": "cpu",
               "val_every": 2},
-    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2, "ode": {"rtol": 1e-2, "atol": 1e-2, "n_test": 16}},
+    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2, "ode": {"rtol": 1e-2, "atol": 1e-2, "n_test": 16, "check_tol": 1e-3}},
     "features": {"inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
                "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]},
-               "ode_tolerances": [1e-2], "precision": "bf16"},  # bf16 when asked: on every machine
+               "ode_tolerances": [1e-2], "precision": "bf16", "precision_check": True,  # bf16 when asked:
+               "bootstrap": 20},                                                        # on every machine
     "compare": {"allow_unmatched": True},  # tiny models of different sizes
     "models": {"baseline": {}, "vae": {"width": 8}, "ddpm": {"T": 40, "width": 8}},
 }
@@ -151,7 +152,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     comp = pd.read_csv(results / "comparison.csv").set_index("model")
     nll = pd.read_csv(results / "nll.csv")
     assert list(comp.index) == ["baseline", "vae", "ddpm"] and (comp["seeds"] == 2).all()
-    assert comp.loc["vae", "images_seen"] == 256 and comp.loc["vae", "family"] == "vae"
+    assert comp.loc["vae", "family"] == "vae"
     assert comp.loc["vae", "train_flops"] > 0 and (comp["fid"] > 0).all() and (comp["fid_std"] > 0).all()
     shipped = json.loads((REPO / "diffusion_models" / "assets" / "classifier-digits.json").read_text())["sha256"]
     assert (comp["fid_extractor"] == f"classifier (sha256 {shipped[:12]})").all() and (comp["n_samples"] == 64).all()
@@ -162,16 +163,23 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ckpts == ["seed0-100pct.pt", "seed0-50pct.pt", "seed1-100pct.pt", "seed1-50pct.pt"]
     runs = pd.read_csv(results / "runs.csv")
     assert len(runs) == 2 + 4 + 4 and set(runs[runs["model"] == "vae"]["images_seen"]) == {128, 256}
-    sweep = pd.read_csv(results / "budget_sweep.csv")
-    assert list(sweep[sweep["model"] == "ddpm"]["fraction"]) == [0.5, 1.0]
-    assert (results / "budget_sweep.png").stat().st_size > 0
+    # each run's selected checkpoint is its best validation bound, and the tables report it
+    for (m, seed), r in runs.groupby(["model", "seed"]):
+        assert r["selected"].sum() == 1 and r.loc[r["selected"], "val_bpd"].iloc[0] == r["val_bpd"].min()
+    chosen = runs[runs["selected"]].groupby("model", sort=False)
+    assert comp.loc["vae", "images_seen"] == pytest.approx(chosen["images_seen"].mean()["vae"])
+    assert comp["bpd"].to_dict() == pytest.approx(chosen["bpd"].mean().to_dict(), rel=1e-12)
+    assert runs.loc[~runs["selected"], "bpd"].isna().all()  # the headline only where selected
+    frontier = pd.read_csv(results / "frontier.csv")
+    assert list(frontier[frontier["model"] == "ddpm"]["fraction"]) == [0.5, 1.0]
+    assert (results / "frontier.png").stat().st_size > 0
     sampling = pd.read_csv(results / "sampling.csv")
     assert set(zip(sampling["model"], sampling["extractor"], sampling["reference"])) == {
         (m, e, r) for m in ("baseline", "vae", "ddpm") for e in ("classifier", "inception-v3-compat")
         for r in ("train", "test")}
     grid = sampling[(sampling["model"] == "ddpm") & (sampling["extractor"] == "classifier")
                     & (sampling["reference"] == "train") & (sampling["seed"] == 0)
-                    & (sampling["fraction"] == 1.0)].set_index("sampler")
+                    & sampling["selected"]].set_index("sampler")
     ode_point = grid[grid["sampler_name"] == "ode"]
     assert list(ode_point.index) == ["ode, dopri5, rtol=0.01, atol=0.01, fp32"] and (ode_point["nfe"] > 0).all()
     grid = grid[grid["sampler_name"] != "ode"]
@@ -219,19 +227,22 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ddpm_profile["bpd"].sum() == pytest.approx(comp.loc["ddpm", "bpd"], rel=1e-6)  # the terms sum to the bound (float32 terms)
     sig = pd.read_csv(results / "significance.csv")
     assert set(sig["metric"]) == {"bpd", "fid"} and len(sig[sig["test"] == "Welch t over seeds"]) == 2 * 3
+    boot = sig[sig["test"] == "bootstrap over samples and seeds"]
+    assert len(boot) == 3 and (boot["metric"] == "fid").all() and boot["p_holm"].notna().all()
+    assert (comp["fid_ci_lo"] < comp["fid"]).all() and (comp["fid"] < comp["fid_ci_hi"]).all()
     assert len(sig[sig["test"].str.startswith("paired over test images, seed")]) == 2 * 3
     pooled = sig[sig["test"] == "paired over test images, pooled over seeds"]
     assert len(pooled) == 3 and pooled["p_holm"].notna().all() and (pooled["p_holm"] >= pooled["p_value"]).all()
     # the paired mean difference is the difference of the two runs' bounds in runs.csv (another path)
     pair = sig[sig["test"] == "paired over test images, seed 0"].set_index(["model_a", "model_b"]).loc[("vae", "ddpm")]
-    seed0 = runs[(runs["seed"] == 0) & (runs["fraction"] == 1.0)].set_index("model")["bpd"]
+    seed0 = runs[(runs["seed"] == 0) & runs["selected"]].set_index("model")["bpd"]
     assert pair["diff"] == pytest.approx(seed0["vae"] - seed0["ddpm"], rel=1e-9)
     assert "## Which differences are real" in (results / "comparison.md").read_text()
     curve = results / "live" / "vae" / "plots" / "metrics" / "seed0" / "val" / "bpd.tsv"
     assert len(curve.read_text().splitlines()) == 1 + 2  # a validation bound every 2 steps of 4
     assert (nll["bpd"] > 0).all() and (nll["bpd_se"] > 0).all() and (nll["seeds"] == 2).all()
     md = (results / "comparison.md").read_text()
-    assert "dataset: digits" in md and "budget: 256 training images" in md and "versions:" in md
+    assert "dataset: digits" in md and "budget: at most 256 training images" in md and "versions:" in md
     assert "mean ± std over 2 seeds" in md
     # the stages' own means over seeds (dvc metrics, compact keys) agree with compare's pandas means
     metric = lambda m, kind: json.loads((results / "metrics" / f"{m}{kind}.json").read_text())  # noqa: E731
@@ -239,16 +250,18 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert metric(m, "")["bpd"] == pytest.approx(comp.loc[m, "bpd"], rel=1e-12)
         assert metric(m, ".sample")["fid"] == pytest.approx(comp.loc[m, "fid"], rel=1e-12)
         assert metric(m, ".sample")["samples_s"] == pytest.approx(comp.loc[m, "samples_per_sec"], rel=1e-12)
-        assert metric(m, ".train")["train_s"] == pytest.approx(comp.loc[m, "train_seconds"], rel=1e-12)
+        assert metric(m, ".train")["kimg"] * 1e3 == pytest.approx(comp.loc[m, "images_seen"], rel=1e-12)
+        assert metric(m, ".train")["val_bpd"] == pytest.approx(comp.loc[m, "val_bpd"], rel=1e-12)
     for seed in (0, 1):
         assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()
     shown = sh("dvc", "metrics", "show")
     assert "bpd_se" in shown and max(map(len, shown.splitlines())) <= 120, shown
     plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=tmp_path, env=env,
                                       capture_output=True, text=True, check=True).stdout)["data"]
-    assert {"results/live/vae/plots/metrics/seed1/train/loss.tsv", "results/budget_sweep.csv",
+    assert {"results/live/vae/plots/metrics/seed1/train/loss.tsv", "results/frontier.csv",
             "results/fid_vs_nfe.csv"} <= set(plots)
-    assert comp["caption"].str.startswith("digits, 256 training images per model and run, mean ± standard "
+    assert comp["caption"].str.startswith("digits, at most 256 training images per model and run, each run's "
+                                          "checkpoint with the best validation bound, mean ± standard "
                                           "deviation over 2 seeds").all()
     # nothing changed: everything is up to date
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
@@ -293,7 +306,8 @@ def test_dvc_repro_end_to_end(tmp_path):
 
 def test_training_and_selection_never_read_the_test_split(tmp_path, monkeypatch, capsys):
     """The test split feeds the final tables only: with it gone, training (with its validation
-    curve), choosing defaults and retraining the FID classifier all still run."""
+    curve and the selection of each run's checkpoint on validation), choosing defaults and
+    retraining the FID classifier all still run."""
     params = {**TINY, "models": {"vae": {"width": 8}}, "train": {**TINY["train"], "seeds": 1}}
     assert run_cli(tmp_path, monkeypatch, capsys, params, "prepare")[0] == 0
     (tmp_path / "data" / "prepared" / "test.npz").unlink()
@@ -301,6 +315,8 @@ def test_training_and_selection_never_read_the_test_split(tmp_path, monkeypatch,
                  ["train-classifier", "--out", str(tmp_path / "clf.pt")]):
         code, err = run_cli(tmp_path, monkeypatch, capsys, params, *argv)
         assert code == 0, (argv, err)
+    record = json.loads((tmp_path / "results" / "train" / "vae.json").read_text())
+    assert sum(r["selected"] for r in record["runs"]) == 1  # the selection is fixed before test exists
     code, err = run_cli(tmp_path, monkeypatch, capsys, params, "evaluate", "vae")
     assert code == 2 and "missing prepared data" in err and "test.npz" in err
     table = pd.read_csv(tmp_path / "results" / "selection" / "vae-latent_dim.csv")

@@ -96,6 +96,29 @@ def test_torch_fidelity_and_torchmetrics_agree_on_the_classifier_features(digits
     assert tm == pytest.approx(tf, rel=1e-3)
 
 
+def test_fid_bootstrap_replicates_against_a_resampling_written_here(digits, classifier_path, tmp_path):
+    """The sample stage's FID replicates: the samples' classifier features resampled with
+    replacement (the seeded draws redone here) and scored by torchmetrics' Fréchet distance
+    against the reference statistics of torch-fidelity's cache; the features are the ones
+    torch-fidelity's FID uses (no resampling: its FID)."""
+    fake, ref = digits[600:1000], digits[:600]
+    tf = metrics(fake, ref, classifier_path, tmp_path, name="boot")["fid"]
+    stats = q.reference_statistics(tmp_path, "boot", q.CLASSIFIER)
+    feats = q.classifier_features(classifier_path, fake, 17)
+    mu, sigma = torch.from_numpy(stats["mu"]).double(), torch.from_numpy(stats["sigma"]).double()
+    assert _compute_fid(feats.double().mean(0), torch.cov(feats.double().T), mu, sigma).item() == pytest.approx(
+        tf, rel=1e-4)
+    reps = q.fid_bootstrap(feats, stats, 5, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    for value in reps:
+        f = feats[torch.randint(0, len(feats), (len(feats),), generator=gen)].double()
+        expected = _compute_fid(f.mean(0), torch.cov(f.T), mu, sigma).item()
+        assert value == pytest.approx(expected, rel=1e-4)
+    assert len(set(reps)) == 5 and np.mean(reps) > tf  # duplicated samples: resampled FIDs sit above
+    with pytest.raises(q.QualityError, match="reference statistics missing"):
+        q.reference_statistics(tmp_path, "none", q.CLASSIFIER)
+
+
 def test_fid_grows_with_corruption(digits, classifier_path, tmp_path):
     gen = torch.Generator().manual_seed(1)
     real, ref = digits[:700], digits[700:1400]

@@ -231,3 +231,40 @@ def test_pairwise_pooled_is_holm_corrected_over_all_pairs():
     assert not t.iloc[0].tied and not t.iloc[1].tied and t.iloc[0].ci_hi < 0
     with pytest.raises(ValueError, match="differ in length"):
         pairwise_pooled({("a", 0): np.zeros(3), ("b", 0): np.zeros(4)})
+
+
+def test_bootstrap_means_against_a_seeded_resampling_written_here():
+    """Each draw: the seeds resampled with replacement, and for each drawn seed one of its own
+    replicates at random (the same generator's draws, redone by hand)."""
+    reps = {0: [1.0, 2.0, 3.0], 1: [10.0, 20.0, 30.0], 2: [100.0, 200.0, 300.0]}
+    got = sig.bootstrap_means(reps, 50, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    seeds = rng.integers(0, 3, size=(50, 3))
+    picks = rng.integers(0, 3, size=(50, 3))
+    table = [reps[0], reps[1], reps[2]]
+    expected = [np.mean([table[seeds[d, j]][picks[d, j]] for j in range(3)]) for d in range(50)]
+    assert got == pytest.approx(expected, rel=1e-15)
+
+
+def test_bootstrap_interval_is_normal_around_the_estimate():
+    draws = np.random.default_rng(0).normal(5.0, 2.0, size=4000)  # biased draws: the centre is the estimate's
+    lo, hi, p = sig.bootstrap_interval(1.0, draws)
+    se = np.std(draws, ddof=1)
+    assert (lo, hi) == pytest.approx((1.0 - 1.959963984540054 * se, 1.0 + 1.959963984540054 * se), rel=1e-12)
+    assert p == pytest.approx(2 * stats.norm.sf(1.0 / se), rel=1e-12)
+    assert all(math.isnan(v) for v in sig.bootstrap_interval(1.0, np.ones(10)))  # no spread: no interval
+
+
+def test_pairwise_bootstrap_separates_a_real_difference_and_ties_an_absent_one():
+    g = np.random.default_rng(1)
+    values = {"a": {0: 4.0, 1: 4.2, 2: 3.9}, "b": {0: 4.1, 1: 3.95, 2: 4.05}, "c": {0: 9.0, 1: 9.3, 2: 8.8}}
+    reps = {m: {s: list(v + g.normal(0, 0.2, 100)) for s, v in runs.items()} for m, runs in values.items()}
+    table = sig.pairwise_bootstrap(values, reps, "fid").set_index(["model_a", "model_b"])
+    assert list(table.index) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert (table["test"] == sig.BOOTSTRAP_TEST).all() and (table["p_holm"] >= table["p_value"]).all()
+    assert table.loc[("a", "b"), "diff"] == pytest.approx(np.mean([4.0, 4.2, 3.9]) - np.mean([4.1, 3.95, 4.05]))
+    assert table.loc[("a", "b"), "tied"] and not table.loc[("a", "c"), "tied"] and not table.loc[("b", "c"), "tied"]
+    again = sig.pairwise_bootstrap(values, reps, "fid").set_index(["model_a", "model_b"])
+    assert again.equals(table)  # a fixed generator: the same tables every run
+    ci = sig.bootstrap_intervals(values, reps)
+    assert ci["c"][0] < np.mean([9.0, 9.3, 8.8]) < ci["c"][1] and ci["a"][1] < ci["c"][0]

@@ -92,30 +92,31 @@ def _fid(model, seed, fraction, nfe):
     return (9.0 if model == "baseline" else 3.25) + 0.5 * seed + 2 * (1 - fraction) + 1 / nfe
 
 
-def _records():
+def _records(best=1.0):
     """train/evaluate/sample records as the stages write them: baseline (closed form, 100%
-    only) and vae (seeds x fractions; validation best at 100%, so selected there; IWAE-10 only
-    there), samples of the selected checkpoints, a ddim grid on vae seed 0."""
+    only) and vae (seeds x fractions; validation best at fraction `best`, so selected there;
+    IWAE-10 only there), samples of the selected checkpoints, a ddim grid on vae seed 0."""
     trains, evals, samples = [], [], []
     for m, fam in (("baseline", "baseline"), ("vae", "vae")):
         fr = (1.0,) if m == "baseline" else FRACTIONS
         runs = [{"seed": s, "fraction": f, "images_seen": 0 if m == "baseline" else int(100 * f),
                  "steps": 0 if m == "baseline" else int(10 * f),
                  "train_flops": 0.0 if m == "baseline" else 1e9 * f, "train_seconds": 1.0 + s,
-                 "images_per_sec": 100.0, "final_loss": 1.0, "val_bpd": _bpd(m, "ELBO", s, f) + 0.01,
-                 "selected": f == 1.0, "last": f == 1.0} for s in SEEDS for f in fr]
+                 "images_per_sec": 100.0, "final_loss": 1.0,
+                 "val_bpd": 2.0 + abs(f - (1.0 if m == "baseline" else best)) + 0.001 * s,
+                 "selected": f == (1.0 if m == "baseline" else best), "last": f == 1.0} for s in SEEDS for f in fr]
         trains.append({"model": m, "family": fam, "params": 10, "dataset": "digits", "device": "cpu",
                        "seeds": list(SEEDS), "fractions": list(fr), "n_train": 1500, "n_test": 297, "levels": 17,
                        "shape": [1, 8, 8], "batch_size": 128, "versions": {"torch": "x"}, "runs": runs})
         ests = ["exact"] if m == "baseline" else ["ELBO", "IWAE-2", "IWAE-10"]
-        head = (lambda r: "exact") if m == "baseline" else (lambda r: "IWAE-10" if r["fraction"] == 1.0 else "IWAE-2")
+        head = (lambda r: "exact") if m == "baseline" else (lambda r: "IWAE-10" if r["selected"] else "IWAE-2")
         evals.append({"model": m, "runs": [{**{k: r[k] for k in RUN_FIELDS},
                                             "headline": head(r), "sweep_estimator": "exact" if m == "baseline" else "IWAE-2",
                                             "bounds": {e: {"bpd": (v := _bpd(m, e, r["seed"], r["fraction"])),
                                                            "bpd_se": 0.01 * (1 + r["seed"]),
                                                            "nats": v * 64 * math.log(2), "nats_se": 0.1,
                                                            "n_examples": 297, "terms_bpd": {"t": v}}
-                                                       for e in ests if e != "IWAE-10" or r["fraction"] == 1.0}}
+                                                       for e in ests if e != "IWAE-10" or r["selected"]}}
                                            for r in runs]})
 
         def point(r, sampler, nfe, headline):
@@ -169,6 +170,82 @@ def test_tables_report_the_declared_headline_bound_not_the_lowest():
     assert list(final["bpd"]) == pytest.approx([_bpd("vae", "IWAE-10", s, 1.0) for s in SEEDS])
     assert (runs[runs["model"] == "vae"]["sweep_estimator"] == "IWAE-2").all()
     assert comp.set_index("model").loc["vae", "bpd_estimator"] == "IWAE-10"
+
+
+def test_tables_report_the_selected_checkpoints_test_numbers():
+    """Each run's validation bound is best at half the cap: the tables report the test bound, FID
+    and images seen of that checkpoint, not of the last one."""
+    import statistics
+
+    comp = _tables_of(*_records(best=0.5))[4].set_index("model")
+    assert comp.loc["vae", "bpd"] == pytest.approx(statistics.mean(_bpd("vae", "IWAE-10", s, 0.5) for s in SEEDS))
+    assert comp.loc["vae", "fid"] == pytest.approx(statistics.mean(_fid("vae", s, 0.5, 1) for s in SEEDS))
+    assert comp.loc["vae", "images_seen"] == 50 and comp.loc["vae", "train_flops"] == 0.5e9
+    assert comp.loc["vae", "val_bpd"] == pytest.approx(2.0 + statistics.mean(0.001 * s for s in SEEDS))
+    assert comp.loc["vae", "matched"] == "yes"  # trained to the cap, selected earlier
+
+
+def test_training_stops_on_patience_and_selects_the_best_validation_checkpoint():
+    """A model whose validation bound is forced to fall, then rise: training saves a checkpoint
+    with its bound at each grid step, stops once `patience` checkpoints have not improved, and
+    the selected checkpoint is the minimum."""
+    from diffusion_models.pipeline.train import checkpoint_runs, complete
+    from diffusion_models.train import select_checkpoint, should_stop
+
+    m = _Linear((1, 4, 4), 17, _Linear.Config())
+    m.name = "lin"
+    x = torch.randint(0, 17, (64, 1, 4, 4))
+    curve = {1: 3.0, 2: 2.0, 4: 2.5, 8: 2.7, 16: 1.0}  # by step; 16 (a better bound) is never reached
+    fractions = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
+    cfg = TrainConfig(images=128, batch_size=8, patience=2)
+    steps = snapshot_steps(cfg, fractions)
+    assert steps == {1: 1 / 16, 2: 1 / 8, 4: 1 / 4, 8: 1 / 2, 16: 1.0}
+    done = {}
+
+    def save(weights, result, score):
+        done[steps[result.steps]] = {**result.as_dict(), "val_bpd": score}
+        return should_stop([done[f]["val_bpd"] for f in sorted(done)], cfg.patience)
+
+    result = train(m, x, cfg, progress=False, validate=lambda model: curve[model.calls],
+                   snapshot=(set(steps), save))
+    assert result.steps == 8 and result.images_seen == 64 and m.calls == 8  # stopped at the 4th checkpoint
+    assert [done[f]["val_bpd"] for f in sorted(done)] == [3.0, 2.0, 2.5, 2.7]
+    rows = checkpoint_runs("lin", 0, done)
+    assert [r["selected"] for r in rows] == [False, True, False, False]
+    assert [r["last"] for r in rows] == [False, False, False, True]
+    assert complete(done, fractions, 2) and not complete(done, fractions, 0)  # patience 0 would go on
+    assert not complete({f: done[f] for f in (1 / 16, 1 / 4)}, fractions, 2)  # a gap: not a run
+    assert select_checkpoint([2.0, 1.5, 1.5, 3.0]) == 1  # the earliest of equals
+    assert not should_stop([3.0, 2.0, 2.5], 2) and should_stop([3.0, 2.0, 2.5, 2.0], 2)  # equal: no gain
+    assert not should_stop([3.0, 2.0, 2.5, 2.7], 0)
+
+
+def test_frontier_is_the_best_validation_checkpoint_within_each_budget():
+    """Against a direct computation from per-checkpoint records: one run falls then rises, one
+    stops early; the frontier's validation bound never rises with the budget."""
+    ckpts = {  # (model, seed) -> [(fraction, val, test)], in training order
+        ("a", 0): [(0.25, 3.0, 3.1), (0.5, 2.0, 2.2), (1.0, 2.4, 2.1)],
+        ("a", 1): [(0.25, 2.8, 2.9), (0.5, 2.9, 3.0)],            # stopped early at 0.5
+        ("b", 0): [(0.25, 1.9, 2.0), (0.5, 1.8, 1.85), (1.0, 1.7, 1.75)],
+    }
+    per_image = {"a": 10.0, "b": 20.0}
+    runs = pd.DataFrame([{"model": m, "seed": s, "fraction": f, "images_seen": int(f * 1000),
+                          "train_flops": per_image[m] * f * 1000, "val_bpd": v, "sweep_bpd": t,
+                          "sweep_estimator": "E"} for (m, s), cs in ckpts.items() for f, v, t in cs])
+    got = report.frontier_runs(runs, 1000, {"a": [0.25, 0.5, 1.0], "b": [0.25, 0.5, 1.0]})
+    expected = []
+    for (m, s), cs in ckpts.items():
+        for budget in (0.25, 0.5, 1.0):
+            within = [c for c in cs if c[0] <= budget]
+            f, v, t = min(within, key=lambda c: c[1])
+            expected.append((m, s, budget, per_image[m] * budget * 1000, f, v, t))
+    assert list(zip(got["model"], got["seed"], got["fraction"], got["flops"], got["selected_fraction"],
+                    got["val_bpd"], got["bpd"])) == expected
+    for _, g in got.groupby(["model", "seed"]):
+        assert (g.sort_values("flops")["val_bpd"].diff().dropna() <= 0).all()
+    table = report.frontier_table(got).set_index(["model", "fraction"])
+    assert table.loc[("a", 1.0), "bpd"] == pytest.approx((2.2 + 2.9) / 2)  # seed 0's 0.5 and seed 1's 0.25
+    assert table.loc[("a", 1.0), "images_seen"] == pytest.approx((500 + 250) / 2)
 
 
 def test_every_model_declares_a_headline_among_its_estimators():

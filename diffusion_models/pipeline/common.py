@@ -185,18 +185,19 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -> tuple[int, int]:
     """(worker processes, intra-op threads each) for `n_runs` independent training runs. On a
-    CPU: one process per run (`train.workers` caps it), the threads shared out between them and
-    at least one each; small convolutions use two threads poorly, so on the 2-core Intel Xeon
-    two one-thread runs side by side trained 1.1-1.7x faster than the same runs in turn
-    (benchmarks: test_parallel_runs; README, "Performance"). With more runs than threads (three
-    seeds on two cores) every run still gets its own one-thread process, so no core idles
-    while the last run trains alone. On a GPU, under torchrun, or for a single run: the runs in
-    turn in this process, with its threads."""
+    CPU: one process per thread of this process (`train.workers` caps it), at most one per run,
+    the threads shared out between them; small convolutions use two threads poorly, so on the
+    2-core Intel Xeon two one-thread runs side by side trained 1.1-1.7x faster than the same
+    runs in turn (benchmarks: test_parallel_runs; README, "Performance"). Never more processes
+    than threads: three one-thread runs on two cores trained at 920 images/s each on the 2-core
+    AMD EPYC where two trained at 2,820 each (vae; hvae 620 against 2,490), so three seeds
+    train two side by side, then the third. On a GPU, under torchrun, or for a single run: the
+    runs in turn in this process, with its threads."""
     threads = torch.get_num_threads()  # after setup_torch: train.threads, or the library default
     if dev.type != "cpu" or world > 1 or n_runs < 2 or cfg.train.workers == 1:
         return 1, threads
-    workers = min(n_runs, cfg.train.workers or n_runs)
-    return workers, max(1, threads // workers)
+    workers = min(n_runs, cfg.train.workers or threads, threads)
+    return workers, threads // workers
 
 
 _WORKER: dict[str, Any] = {}  # in a worker process of in_workers: its message queue
