@@ -138,11 +138,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _trained(name, n):
-    """The trained seed-0 final checkpoint the pipeline leaves in results/ (eval mode) and the
-    first `n` test images (None: all); the case is skipped, saying why, before `make repro`."""
+    """The trained seed-0 selected checkpoint the pipeline leaves in results/ (eval mode) and
+    the first `n` test images (None: all); the case is skipped, saying why, before `make repro`."""
+    import json
+
     from diffusion_models import data
 
-    checkpoint, test = ROOT / "results" / "checkpoints" / name / "seed0-100pct.pt", ROOT / "data/prepared/test.npz"
+    record, test = ROOT / "results" / "train" / f"{name}.json", ROOT / "data/prepared/test.npz"
+    runs = json.loads(record.read_text())["runs"] if record.is_file() else []
+    chosen = [ROOT / r["checkpoint"] for r in runs if r.get("selected") and r["seed"] == 0]
+    checkpoint = chosen[0] if chosen else ROOT / "results" / "checkpoints" / name / "seed0-100pct.pt"
     if not (checkpoint.is_file() and test.is_file()):
         pytest.skip(f"needs the pipeline's trained {name} ({checkpoint.relative_to(ROOT)}): run `make repro` first")
     m, _ = models.load(checkpoint)

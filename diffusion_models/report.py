@@ -439,10 +439,18 @@ def _views_lines(views: pd.DataFrame | None, over: str) -> list[str]:
             v.to_markdown(index=False, disable_numparse=True), ""]
 
 
-def summary(comparison: pd.DataFrame, views: pd.DataFrame | None) -> str:
+def stage_totals(timings: pd.DataFrame) -> dict[str, float]:
+    """Seconds per kind of stage (train, evaluate, sample, features) and in all, from `stage_times`."""
+    rows = timings[timings["stage"] != "total"]
+    kinds = rows["stage"].str.split("@").str[0]
+    return {**rows.groupby(kinds, sort=False)["seconds"].sum().to_dict(), "total": float(rows["seconds"].sum())}
+
+
+def summary(comparison: pd.DataFrame, views: pd.DataFrame | None, timings: pd.DataFrame | None = None) -> str:
     """The compact results table the README shows (its copy there is checked against this file
-    by a test): per model the headline bound and FID (mean ± std over seeds), the ODE view where
-    there is one, and the headline sampler's NFE and speed."""
+    by a test): per model the headline bound and FID (mean ± std over seeds) at the selected
+    checkpoints and the images seen there, the ODE view where there is one, and the headline
+    sampler's NFE and speed; with `timings`, a line of the stages' wall-clock seconds."""
     ode = {} if views is None or not len(views) else dict(zip(views["model"], zip(views["ode_bpd"],
                                                                                   views["ode_bpd_std"])))
     table = pd.DataFrame({
@@ -451,11 +459,19 @@ def summary(comparison: pd.DataFrame, views: pd.DataFrame | None) -> str:
         "bound": comparison["bpd_estimator"].str.replace(r" \(.*", "", regex=True),
         "ODE bits/dim": [_pm(*ode[m], ".3f") if m in ode else "" for m in comparison["model"]],
         "FID": [_pm(m, s, ".2f") for m, s in zip(comparison["fid"], comparison["fid_std"])],
+        "k images at selection": [_pm(m / 1e3, s / 1e3, ".1f") for m, s in zip(comparison["images_seen"],
+                                                                                comparison["images_seen_std"])],
         "sampler": comparison["sampler"].str.split(",").str[0],
         "NFE": comparison["nfe"].map(lambda v: _fmt(v, ".0f")),
         "samples/s": comparison["samples_per_sec"].map(lambda v: _fmt(v, ",.0f")),
     })
-    return table.to_markdown(index=False, disable_numparse=True) + "\n"
+    text = table.to_markdown(index=False, disable_numparse=True) + "\n"
+    if timings is not None:
+        t = stage_totals(timings)
+        text += ("\nStage wall-clock seconds on this run's machine: " + ", ".join(
+            f"{k} {v:,.0f}" for k, v in t.items() if k != "total") + f"; total {t['total']:,.0f} "
+            f"({t['total'] / 60:.1f} min).\n")
+    return text
 
 
 def _fmt(v: Any, spec: str) -> str:

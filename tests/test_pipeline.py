@@ -121,6 +121,27 @@ def test_runs_trained_side_by_side_equal_runs_trained_in_turn(tmp_path, monkeypa
     assert {k: summary[k] for k in ("seed0", "seed1")} == {k: other[k] for k in ("seed0", "seed1")}
 
 
+def test_retraining_runs_side_by_side_replaces_their_old_curves(tmp_path, monkeypatch, capfd):
+    """Three seeds on two worker processes, retrained after a change: the third starts after
+    the others have logged, and its old learning curve, which the stage's DVCLive has loaded,
+    is replaced before DVCLive opens (a worker deleting it made the stage's next write fail)."""
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    params = {**TINY, "models": {"vae": {"width": 8}},
+              "train": {**TINY["train"], "seeds": 3, "threads": 2, "log_every": 1, "val_every": 1}}
+    try:
+        for lr in (2e-3, 1e-3):  # the second lr: every run retrains
+            params["train"]["lr"] = lr
+            (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+            assert main(["prepare"]) == 0 and main(["train", "vae"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "3 runs side by side in 2 processes" in capfd.readouterr().out
+    for seed in (0, 1, 2):
+        tsv = tmp_path / "results" / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv"
+        assert [int(ln.split("\t")[0]) for ln in tsv.read_text().splitlines()[1:]] == [1, 2, 3, 4]
+
+
 def _copy_repo(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()

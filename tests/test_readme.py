@@ -1,15 +1,19 @@
-"""The README's results table is the one the pipeline wrote: it cannot drift from results/."""
+"""The README's results tables are the ones the pipelines wrote: they cannot drift from results/."""
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_readme_results_table_is_results_summary():
+@pytest.mark.parametrize("marker, summary", [("summary", "results/summary.md"),
+                                             ("reference", "reference/results/summary.md")])
+def test_readme_results_tables_are_the_pipelines_summaries(marker, summary):
     readme = (REPO / "README.md").read_text()
-    begin, end = "<!-- summary:begin -->\n", "<!-- summary:end -->"
+    begin, end = f"<!-- {marker}:begin -->\n", f"<!-- {marker}:end -->"
     assert begin in readme and end in readme
     block = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert block == (REPO / "results" / "summary.md").read_text()
+    assert block == (REPO / summary).read_text()
 
 
 def test_readme_is_for_a_newcomer():

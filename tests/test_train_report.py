@@ -435,6 +435,12 @@ def test_summary_table_shows_the_comparison_numbers():
         assert cells[1] == f"{row['bpd']:.3f} ± {row['bpd_std']:.3f}"
         assert cells[2] == row["bpd_estimator"] and cells[3] == ""
         assert cells[4] == f"{row['fid']:.2f} ± {row['fid_std']:.2f}"
+        assert cells[5] == f"{row['images_seen'] / 1e3:.1f} ± {row['images_seen_std'] / 1e3:.1f}"
+    timings = pd.DataFrame({"stage": ["features", "train@vae", "train@ddpm", "evaluate@vae", "total"],
+                            "seconds": [2.0, 100.0, 50.0, 30.0, 182.0]})
+    assert report.stage_totals(timings) == {"features": 2.0, "train": 150.0, "evaluate": 30.0, "total": 182.0}
+    text = report.summary(comp.reset_index(), None, timings)
+    assert text.endswith("features 2, train 150, evaluate 30; total 182 (3.0 min).\n")
 
 
 def test_views_table_carries_the_first_seeds_solver_check():

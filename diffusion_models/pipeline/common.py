@@ -188,11 +188,11 @@ def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -
     CPU: one process per thread of this process (`train.workers` caps it), at most one per run,
     the threads shared out between them; small convolutions use two threads poorly, so on the
     2-core Intel Xeon two one-thread runs side by side trained 1.1-1.7x faster than the same
-    runs in turn (benchmarks: test_parallel_runs; README, "Performance"). Never more processes
-    than threads: three one-thread runs on two cores trained at 920 images/s each on the 2-core
-    AMD EPYC where two trained at 2,820 each (vae; hvae 620 against 2,490), so three seeds
-    train two side by side, then the third. On a GPU, under torchrun, or for a single run: the
-    runs in turn in this process, with its threads."""
+    runs in turn (benchmarks: test_parallel_runs). Never more processes than threads, so three
+    seeds on two cores train two side by side, then the third alone (on the 2-core AMD EPYC
+    Zen 3, three one-thread vae runs side by side trained at 2,850 images/s in all, two at
+    2,900: one process per run would end sooner). On a GPU, under torchrun, or for a single
+    run: the runs in turn in this process, with its threads."""
     threads = torch.get_num_threads()  # after setup_torch: train.threads, or the library default
     if dev.type != "cpu" or world > 1 or n_runs < 2 or cfg.train.workers == 1:
         return 1, threads

@@ -73,5 +73,5 @@ def compare(cfg: Config) -> None:
     write_text(RESULTS / "comparison.tex", report.latex(comp, caption.replace("±", "$\\pm$")))
     text = report.markdown(comp, nll, frontier, sampling, provenance, timings, sig, views, precision)
     write_text(RESULTS / "comparison.md", text)
-    write_text(RESULTS / "summary.md", report.summary(comp, views))
+    write_text(RESULTS / "summary.md", report.summary(comp, views, timings))
     print(text)

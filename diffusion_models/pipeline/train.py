@@ -89,6 +89,22 @@ def checkpoint_runs(name: str, seed: int, done: dict[float, Any]) -> list[dict[s
              "selected": f == best, "last": f == order[-1]} for f in order]
 
 
+def _resume(cfg: Config, name: str, seed: int, key: dict[str, Any], world: int) -> Resume | None:
+    return Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key) if world == 1 else None
+
+
+def _prepare_run(cfg: Config, name: str, seed: int, key: dict[str, Any], fractions: list[float],
+                 done: dict[float, Any], world: int) -> None:
+    """Before a run (re)trains, in the stage's process and before its DVCLive folder is opened:
+    keep its saved state and cut its learning curve back to it when it resumes, else delete
+    the curve (a worker deleting files the stage's DVCLive has already loaded made its next
+    write fail)."""
+    steps = snapshot_steps(dataclasses.replace(cfg.train, seed=seed), fractions)
+    curve = LIVE / name / "plots" / "metrics" / f"seed{seed}"
+    if not _prepare_resume(_resume(cfg, name, seed, key, world), steps, done, curve):
+        shutil.rmtree(curve, ignore_errors=True)
+
+
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -147,10 +163,7 @@ def _fit_run(cfg: Config, name: str, seed: int, device: str, key: dict[str, Any]
     resolved = {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(tcfg),
                 "model": dataclasses.asdict(model.cfg)}
     steps = snapshot_steps(tcfg, fractions)
-    resume = Resume(RESUME / name / f"seed{seed}.pt", cfg.train.checkpoint_every, key) if world == 1 else None
-    curve = LIVE / name / "plots" / "metrics" / f"seed{seed}"
-    if not _prepare_resume(resume, steps, done, curve) and rank == 0:
-        shutil.rmtree(curve, ignore_errors=True)
+    resume = _resume(cfg, name, seed, key, world)  # its state and curve were prepared by the stage
 
     def save(fraction: float, weights: dict[str, torch.Tensor], result: Any, score: float) -> bool:
         """This run's checkpoint at a grid point with its validation bound (rank 0 writes it);
@@ -210,6 +223,8 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
         metrics_dir = LIVE / name / "plots" / "metrics"
         if rank == 0:
             _clean(name, {checkpoint_path(name, s, f) for s in seeds for f in fractions}, seeds, metrics_dir)
+            for job in todo:
+                _prepare_run(cfg, name, job[2], job[4], fractions, job[6], world)
         live_ctx = (Live(dir=str(LIVE / name), dvcyaml=None, save_dvc_exp=False, report=None, resume=True)
                     if rank == 0 else contextlib.nullcontext())
         with live_ctx as live:
