@@ -558,8 +558,8 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, frontier: pd.DataFrame
         "(about 0.05 for a model that does not memorise; near 1 for one that copies). `tied`: models whose "
         "difference from this one is not significant at 5% after Holm's correction over all pairs (bits/dim: "
         "paired over the test images and pooled over seeds; FID: bootstrap over samples and seeds; see "
-        "'Which differences are real'). `FID 95% CI`: the normal bootstrap interval of the mean FID (each "
-        "run's samples resampled, then the seeds). "
+        "'Which differences are real'). `FID 95% CI`: the bootstrap interval of the mean FID (each run's "
+        "samples resampled, then the seeds; a t interval on the seeds' degrees of freedom). "
         f"Speed: samples/s at batch {batch} after a warm-up batch, median over the other full batches "
         "(device above); NFE = network evaluations per sample. Per-run numbers: `results/runs.csv`.",
         "",
@@ -612,9 +612,9 @@ def markdown(comparison: pd.DataFrame, nll: pd.DataFrame, frontier: pd.DataFrame
                   "Bits/dim: the per-image differences on the same test images, pooled over seeds, with an "
                   "interval that covers both the seed-to-seed and the image-to-image variance (the headline "
                   "test); beside it the Welch t interval over seeds and the paired interval within each seed "
-                  "(that one speaks of these trained networks, not of the training procedure). FID: the normal "
-                  "bootstrap interval, each run's samples resampled with replacement and then the seeds (beside it "
-                  "Welch over seeds). `p_holm`: Holm's adjustment over all pairs of the same metric and test; `tied`: not "
+                  "(that one speaks of these trained networks, not of the training procedure). FID: the bootstrap "
+                  "interval, each run's samples resampled with replacement and then the seeds, as a t interval on "
+                  "the seeds' degrees of freedom (beside it Welch over seeds). `p_holm`: Holm's adjustment over all pairs of the same metric and test; `tied`: not "
                   "significant at 5% after it (or not computable). Intervals are the unadjusted 95% ones.", "",
                   sig[["metric", "test", "model_a", "model_b", "diff", "ci_lo", "ci_hi", "p_value", "p_holm",
                        "tied"]].to_markdown(index=False, disable_numparse=True), ""]

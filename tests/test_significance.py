@@ -246,13 +246,40 @@ def test_bootstrap_means_against_a_seeded_resampling_written_here():
     assert got == pytest.approx(expected, rel=1e-15)
 
 
-def test_bootstrap_interval_is_normal_around_the_estimate():
+def test_bootstrap_interval_is_a_t_interval_on_the_seeds_degrees_of_freedom():
     draws = np.random.default_rng(0).normal(5.0, 2.0, size=4000)  # biased draws: the centre is the estimate's
-    lo, hi, p = sig.bootstrap_interval(1.0, draws)
-    se = np.std(draws, ddof=1)
-    assert (lo, hi) == pytest.approx((1.0 - 1.959963984540054 * se, 1.0 + 1.959963984540054 * se), rel=1e-12)
-    assert p == pytest.approx(2 * stats.norm.sf(1.0 / se), rel=1e-12)
-    assert all(math.isnan(v) for v in sig.bootstrap_interval(1.0, np.ones(10)))  # no spread: no interval
+    var = np.var(draws, ddof=1) * 3 / 2  # three seeds: the resampling's (S - 1)/S shrinkage undone
+    lo, hi, p = sig.bootstrap_interval(1.0, [(draws, 3)])
+    t = stats.t(2)  # S - 1 degrees of freedom
+    assert (lo, hi) == pytest.approx((1.0 - t.ppf(0.975) * var ** 0.5, 1.0 + t.ppf(0.975) * var ** 0.5), rel=1e-12)
+    assert p == pytest.approx(2 * t.sf(1.0 / var ** 0.5), rel=1e-12)
+    # a difference of two means: variances add, Welch-Satterthwaite degrees of freedom
+    other = np.random.default_rng(1).normal(0.0, 1.0, size=4000)
+    va, vb = var, np.var(other, ddof=1) * 4 / 3
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    lo, hi, _ = sig.bootstrap_interval(1.0, [(draws, 3), (other, 4)])
+    assert hi - lo == pytest.approx(2 * stats.t(df).ppf(0.975) * (va + vb) ** 0.5, rel=1e-12)
+    # one seed: only the sampling spread, normal
+    lo, hi, _ = sig.bootstrap_interval(1.0, [(other, 1)])
+    assert hi - lo == pytest.approx(2 * 1.959963984540054 * np.std(other, ddof=1), rel=1e-12)
+    assert all(math.isnan(v) for v in sig.bootstrap_interval(1.0, [(np.ones(10), 3)]))  # no spread: no interval
+
+
+def test_bootstrap_interval_covers_the_mean_over_seeds_at_its_level():
+    """Three seeds whose spread dominates the sampling noise: a plain bootstrap over seeds
+    covers far less than 95% (about 75%); the corrected interval covers about 95%."""
+    g = np.random.default_rng(2)
+    covered, plain = 0, 0
+    trials = 400
+    for _ in range(trials):
+        seeds = {s: 4.0 + g.normal(0, 1.0) for s in range(3)}  # the true mean over seeds: 4.0
+        reps = {s: list(v + g.normal(0, 0.05, 50)) for s, v in seeds.items()}
+        draws = sig.bootstrap_means(reps, 500, g)
+        mean = np.mean(list(seeds.values()))
+        lo, hi, _ = sig.bootstrap_interval(mean, [(draws, 3)])
+        covered += lo <= 4.0 <= hi
+        plain += abs(mean - 4.0) <= 1.96 * np.std(draws, ddof=1)
+    assert 0.90 <= covered / trials <= 0.99 and plain / trials < 0.85, (covered, plain)
 
 
 def test_pairwise_bootstrap_separates_a_real_difference_and_ties_an_absent_one():
