@@ -1,7 +1,8 @@
-"""The figures of the compare stage (matplotlib, Agg): budget sweep, FID against NFE, and
+"""The figures of the compare stage (matplotlib, Agg): the compute frontier, FID against NFE, and
 where each diffusion bound's bits come from (the VLB profile over log SNR)."""
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import pandas as pd
@@ -44,7 +45,7 @@ def plot_frontier(frontier: pd.DataFrame, path: str, caption: str) -> None:
     ax.set_ylabel("test bits/dim of the best-validation checkpoint")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(caption, fontsize=9)
+    fig.suptitle(textwrap.fill(caption, 110), fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
