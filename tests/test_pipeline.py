@@ -271,7 +271,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert metric(m, "")["bpd"] == pytest.approx(comp.loc[m, "bpd"], rel=1e-12)
         assert metric(m, ".sample")["fid"] == pytest.approx(comp.loc[m, "fid"], rel=1e-12)
         assert metric(m, ".sample")["samples_s"] == pytest.approx(comp.loc[m, "samples_per_sec"], rel=1e-12)
-        assert metric(m, ".train")["kimg"] * 1e3 == pytest.approx(comp.loc[m, "images_seen"], rel=1e-12)
+        assert metric(m, ".train")["tflops"] * 1e12 == pytest.approx(comp.loc[m, "train_flops"], rel=1e-12)
         assert metric(m, ".train")["val_bpd"] == pytest.approx(comp.loc[m, "val_bpd"], rel=1e-12)
     for seed in (0, 1):
         assert (results / "live" / "vae" / "plots" / "metrics" / f"seed{seed}" / "train" / "loss.tsv").is_file()

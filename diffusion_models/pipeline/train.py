@@ -261,7 +261,6 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     write_record(path, record)
     selected = [r for r in runs if r["selected"]]
     write_json(METRICS / f"{name}.train.json", {  # compact keys: `dvc metrics show` fits a terminal
-        "tflops": statistics.fmean(r["train_flops"] for r in selected) / 1e12,
-        "kimg": statistics.fmean(r["images_seen"] for r in selected) / 1e3,
+        "tflops": statistics.fmean(r["train_flops"] for r in selected) / 1e12,  # at the selected checkpoints
         "val_bpd": statistics.fmean(r["val_bpd"] for r in selected)})
     return record
