@@ -147,7 +147,7 @@ def _copy_repo(dst: Path) -> None:
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         src = REPO / f
-        if src.is_file() and not f.startswith("results/"):
+        if src.is_file() and not f.startswith(("results/", "reference/")):  # the main pipeline alone
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
 
