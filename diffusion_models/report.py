@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .pipeline.common import RUN_FIELDS
+from .train import select_checkpoint
 
 COMPARISON_COLUMNS = ["model", "family", "params", "seeds", "images_seen", "images_seen_std", "train_flops",
                       "train_seconds", "train_seconds_std", "val_bpd", "bpd", "bpd_std", "bpd_se", "bpd_estimator",
@@ -236,7 +237,8 @@ def nll_table(nll: pd.DataFrame) -> pd.DataFrame:
 
 def frontier_runs(runs: pd.DataFrame, budget: int, grids: dict[str, list[float]] | None = None) -> pd.DataFrame:
     """The compute frontier of each run: for every point of its model's checkpoint grid (`grids`:
-    model -> fractions of the cap, the train records'; by default the checkpoints present), the checkpoint with the best validation bound among those trained with at most
+    model -> fractions of the cap, the train records'; by default the checkpoints present), the
+    checkpoint the train stage would select (`select_checkpoint`) among those trained with at most
     `flops` = f x cap x the run's FLOPs per image (a run that stopped early keeps its selection
     at the later points), with that checkpoint's test bound (`bpd`, the sweep estimator) and
     images seen. Its `val_bpd` is non-increasing in `flops` by construction; `bpd` need not be."""
@@ -246,7 +248,7 @@ def frontier_runs(runs: pd.DataFrame, budget: int, grids: dict[str, list[float]]
         per_image = r["train_flops"].iloc[0] / max(r["images_seen"].iloc[0], 1)
         for f in grid:
             seen = r[r["fraction"] <= f]
-            best = seen.iloc[int(np.argmin(seen["val_bpd"].to_numpy()))]  # the earliest of equals
+            best = seen.iloc[select_checkpoint(list(seen["val_bpd"]))]  # the train stage's own rule
             rows.append({"model": model, "seed": seed, "fraction": f, "flops": f * budget * per_image,
                          "images_seen": best["images_seen"], "selected_fraction": best["fraction"],
                          "val_bpd": best["val_bpd"], "bpd": best["sweep_bpd"], "estimator": best["sweep_estimator"]})
