@@ -388,7 +388,8 @@ def test_a_sampler_a_model_cannot_honour_is_a_clear_error(name, kwargs, message)
 def test_headline_settings_are_settings_not_measurements(monkeypatch):
     """The headline sampler, steps and precision come from params alone: with every timer and
     the matmul-rate measurement made to fail, the resolved points are those params name, on
-    every model, and fp32 by default (bf16 only when asked)."""
+    every model, and fp32 by default (bf16 only when asked); the twin in the other precision
+    is in the grid only with `sample.precision_check`."""
     from diffusion_models import runtime
     from diffusion_models.config import parse
     from diffusion_models.pipeline.sample import sampler_points
@@ -398,8 +399,8 @@ def test_headline_settings_are_settings_not_measurements(monkeypatch):
 
     monkeypatch.setattr(runtime, "matmul_flops", no_measuring)
     monkeypatch.setattr(runtime.time, "perf_counter", no_measuring)
-    for precision in (None, "bf16"):
-        cfg = parse({"sample": {"precision": precision}} if precision else {})
+    for precision, check in [(None, False), (None, True), ("bf16", True)]:
+        cfg = parse({"sample": {"precision_check": check, **({"precision": precision} if precision else {})}})
         for name in models.names():
             m = models.build(name, shape=(1, 4, 4), levels=17, **({"T": 40} if name.startswith(("ddpm", "iddpm")) else {}))
             headline, grid = sampler_points(cfg, m)
@@ -408,7 +409,8 @@ def test_headline_settings_are_settings_not_measurements(monkeypatch):
                 assert "precision" not in headline
             else:
                 assert headline["precision"] == (precision or "fp32")
-                assert grid[1] == {**headline, "precision": "bf16" if precision is None else "fp32"}  # the twin
+                twin = {**headline, "precision": "bf16" if precision is None else "fp32"}
+                assert (twin in grid) == check and (not check or grid[1] == twin)
             if "dpm++2m" in m.samplers:
                 assert (headline["sampler"], headline["steps"]) == ("dpm++2m", 20)
     assert runtime.matmul_flops is no_measuring  # nothing restored it behind the test's back
