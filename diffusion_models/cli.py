@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     try:
         cfg = config_mod.load_params(args.params)
+        models.use_plugins(cfg.models)  # models.<name>.class: defined outside the package
         for name, overrides in cfg.models.items():  # unknown models / override keys: fail early
             models.make_config(name, overrides)
         if args.cmd == "fetch":

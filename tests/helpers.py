@@ -1,4 +1,11 @@
-"""Small shared test data: dataset shapes and seeded integer images."""
+"""Small shared test data (dataset shapes, seeded integer images) and a copy of the
+repository to run the real DVC pipeline in."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +31,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_repo(dst: Path) -> None:
+    """The repository's tracked and not-ignored files (the main pipeline alone: no results/,
+    no reference/) copied to dst."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        src = REPO / f
+        if src.is_file() and not f.startswith(("results/", "reference/")):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+def shell_in(root: Path):
+    """sh(*cmd) -> its output, run in root with this interpreter's tools first on PATH (a
+    failed command fails the test with its output)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+
+    def sh(*cmd):
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
+        return r.stdout + r.stderr
+    return sh

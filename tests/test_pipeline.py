@@ -1,7 +1,6 @@
 """Stage entry points: clear errors on bad input, and the whole DVC pipeline end to end."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import yaml
 
 from diffusion_models.cli import main
+from helpers import copy_repo, shell_in
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -142,28 +142,13 @@ def test_retraining_runs_side_by_side_replaces_their_old_curves(tmp_path, monkey
         assert [int(ln.split("\t")[0]) for ln in tsv.read_text().splitlines()[1:]] == [1, 2, 3, 4]
 
 
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        src = REPO / f
-        if src.is_file() and not f.startswith(("results/", "reference/")):  # the main pipeline alone
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-
-
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(tmp_path):
-    _copy_repo(tmp_path)
+    copy_repo(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    sh = shell_in(tmp_path)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
-
-    def sh(*cmd):
-        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
-        return r.stdout + r.stderr
+           "DVC_NO_ANALYTICS": "1"}
 
     sh("git", "init", "-q")
     sh("git", "add", "-A")

@@ -13,7 +13,7 @@ def _rebased(spec):
     """The main pipeline's stage spec as reference/dvc.yaml must hold it: package paths seen from
     reference/, everything else (its own data/ and results/) unchanged."""
     if isinstance(spec, dict):
-        return {k: ([("../" + d if d.startswith("diffusion_models") else d) for d in v] if k == "deps"
+        return {k: ([("../" + d if d.startswith(("diffusion_models", "examples")) else d) for d in v] if k == "deps"
                     else _rebased(v)) for k, v in spec.items()}
     return spec
 

@@ -83,6 +83,9 @@ class StageError(RuntimeError):
 
 
 def model_overrides(cfg: Config, name: str) -> dict[str, Any]:
+    """Model `name`'s params entry (its config overrides; `class` for a model defined outside
+    the package, registered here too, so a spawned worker process finds it)."""
+    models.use_plugins({name: cfg.models.get(name) or {}})
     models.get(name)  # unknown model: error naming it and the registered ones
     if name not in cfg.models:
         raise StageError(f"model '{name}' is not listed under 'models' in params.yaml "
@@ -128,8 +131,17 @@ def model_sources(name: str, stage: str) -> list[str]:
 
 
 def code_digest(name: str, stage: str) -> str:
-    """SHA-1 of the code a per-model stage's results for model `name` are made by."""
-    return source_digest(tuple(model_sources(name, stage)))
+    """SHA-1 of the code a per-model stage's results for model `name` are made by: the package
+    files of `model_sources` and, for a model defined outside the package, its own modules
+    (named by module, so the digest is the same wherever the repository lies)."""
+    digest = source_digest(tuple(model_sources(name, stage)))
+    outside = models.outside_sources(name)
+    if not outside:
+        return digest
+    h = hashlib.sha1(digest.encode())
+    for module, file in outside:
+        h.update(module.encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def file_sha1(path: str | Path) -> str:

@@ -1,0 +1,1 @@
+"""Models defined outside the `diffusion_models` package (see examples/README.md)."""
