@@ -13,12 +13,23 @@ from diffusion_models.likelihood import bits_per_dim, discretized_logistic_log_p
 from diffusion_models.train import train
 from helpers import SHAPES, digits_train, uniform
 
+# the example model defined outside the package takes the registry-wide checks too
+EXAMPLE = {"mixture": {"class": "examples.mixture:MixtureOfProducts"}}
+NAMES = models.names() + list(EXAMPLE)
+
+
+@pytest.fixture(autouse=True)
+def _with_example(monkeypatch):
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    models.use_plugins(EXAMPLE)
 
 
 def fast(name, **kw):
-    """Build with defaults, but few diffusion steps where the model has a T (keeps tests fast)."""
+    """Build with defaults, but few diffusion steps where the model has a T, few mixture
+    components (at 3x32x32 with 256 levels each is a 786k-logit table): keeps tests fast."""
     fields = models.get(name).Config.__dataclass_fields__
-    return models.build(name, **kw, **({"T": 50} if "T" in fields else {}))
+    small = {"T": 50} if "T" in fields else {"components": 4} if "components" in fields else {}
+    return models.build(name, **kw, **small)
 
 
 def test_registry_names_and_unknown():
@@ -28,7 +39,7 @@ def test_registry_names_and_unknown():
 
 
 @pytest.mark.parametrize("dataset", SHAPES)
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", NAMES)
 def test_interface(name, dataset, tmp_path):
     shape, levels = SHAPES[dataset]
     m = fast(name, shape=shape, levels=levels)
@@ -65,7 +76,7 @@ def test_interface(name, dataset, tmp_path):
     assert torch.equal(b1, b2)
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", NAMES)
 def test_rejects_float_input_and_unknown_estimator(name):
     m = fast(name, shape=(1, 8, 8), levels=17)
     with pytest.raises(ValueError, match="integer images"):
@@ -74,7 +85,7 @@ def test_rejects_float_input_and_unknown_estimator(name):
         m.nll_bound(uniform(2, (1, 8, 8), 17), bogus=1)
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", NAMES)
 def test_bound_on_uniform_data_is_at_least_log2_levels(name):
     """No valid bound beats the entropy: held-out uniform data costs >= log2(L) bits/dim."""
     shape, levels = SHAPES["digits"]
