@@ -1,9 +1,11 @@
 """Datasets as discrete images: integer pixels in {0..L-1}, shape [N, C, H, W].
 
-Readers parse the native formats themselves (IDX for MNIST, python-pickle batches for
-CIFAR-10); the default dataset, `digits`, is the UCI hand-written digits bundled with
-scikit-learn, so the default pipeline needs no network. Real files are pinned by checksum
-in the top-level `data.dvc`; `load` verifies them against the same checksums below.
+Readers parse the native formats themselves (IDX for MNIST and Fashion-MNIST, python-pickle
+batches for CIFAR-10); the default dataset, `digits`, is the UCI hand-written digits bundled
+with scikit-learn, so the default pipeline needs no network. Real files are pinned by
+checksum in the top-level `data.dvc`; `load` verifies them against the same checksums below
+(Fashion-MNIST by the SHA-256 of each file's decompressed content, so the official download
+and a distribution's recompressed copy both pass).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import io
 import pickle
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,11 @@ class Spec:
     fid_samples: int       # default number of generated samples for FID/KID/PR
     seeds: int             # default training runs (seeds) per model
     val_size: int          # default validation split, carved from the (official) training images
+    # native file name -> SHA-256 of its decompressed content: when given, what verification
+    # checks instead of the md5 (which pins only the official download)
+    contents: dict[str, str] = field(default_factory=dict)
+    system_dirs: tuple[str, ...] = ()  # where a system package installs the files (after root/<name>)
+    install: str = ""  # how to get the files, for the error a missing one raises
 
 
 MNIST_FILES = {
@@ -56,11 +63,27 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 CIFAR10_FILES = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
+FASHION_FILES = {  # the official download (zalandoresearch/fashion-mnist)
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_CONTENTS = {  # the same files decompressed (Debian's dataset-fashion-mnist recompresses them)
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 
 SPECS = {
     "digits": Spec((1, 8, 8), 17, {}, 2000, 3, 300),
     "mnist": Spec((1, 28, 28), 256, MNIST_FILES, 10_000, 1, 5000),
     "cifar10": Spec((3, 32, 32), 256, CIFAR10_FILES, 10_000, 1, 5000),
+    "fashion_mnist": Spec((1, 28, 28), 256, FASHION_FILES, 10_000, 1, 5000, FASHION_CONTENTS,
+                          ("/usr/share/datasets/fashion-mnist",),
+                          "`apt-get install dataset-fashion-mnist` (Debian, Ubuntu), or "
+                          "`python -m diffusion_models fetch fashion_mnist` where the network is reachable"),
 }
 # train: what models (and the FID classifier) are fitted on; val: held out from training, where
 # defaults are chosen and training curves are scored; test: the final tables only
@@ -94,8 +117,11 @@ def _read_bytes(path: Path) -> bytes:
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (MNIST's native format), gzip-compressed or not, as uint8."""
-    path = Path(path)
-    raw = _read_bytes(path)
+    return parse_idx(_read_bytes(Path(path)), Path(path))
+
+
+def parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    """The uint8 array of IDX content `raw` (decompressed) read from `path`."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (expected magic 0x0000 08 nd)")
     dtype_code, ndim = raw[2], raw[3]
@@ -180,15 +206,41 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def locate(root: Path, name: str, fname: str) -> Path:
+    """Native file `fname` of dataset `name`: root/<name>/<fname>, else the first of the
+    dataset's system directories that holds it."""
+    sp = spec(name)
+    places = [Path(root) / name] + [Path(d) for d in sp.system_dirs]
+    for place in places:
+        if (place / fname).is_file():
+            return place / fname
+    how = sp.install or f"`python -m diffusion_models fetch {name}` where the network is reachable"
+    raise DataError(f"missing data file: {places[0] / fname}"
+                    + (f" (nor in {', '.join(map(str, places[1:]))})" if len(places) > 1 else "")
+                    + f": dataset '{name}' is not installed; get it with {how}")
+
+
+def verified_content(root: Path, name: str, fname: str, check: bool = True) -> bytes:
+    """The decompressed content of native file `fname`, checked (with `check`) against its
+    pinned SHA-256."""
+    path = locate(root, name, fname)
+    raw = _read_bytes(path)
+    want = spec(name).contents[fname]
+    if check and (got := hashlib.sha256(raw).hexdigest()) != want:
+        raise DataError(f"corrupt data file: {path}: its decompressed content has SHA-256 {got}, "
+                        f"expected {want} (the official {fname})")
+    return raw
+
+
 def verify(root: Path, name: str) -> None:
-    """Check the real dataset's native files against their pinned checksums."""
-    for fname, md5 in spec(name).files.items():
-        f = root / name / fname
-        if not f.is_file():
-            raise DataError(
-                f"missing data file: {f} (dataset '{name}' is not fetched; run "
-                f"`python -m diffusion_models fetch {name}` where the network is reachable)"
-            )
+    """Check the real dataset's native files against their pinned checksums (the SHA-256 of
+    the content where the dataset pins one, else the file's md5)."""
+    sp = spec(name)
+    for fname, md5 in sp.files.items():
+        if fname in sp.contents:
+            verified_content(root, name, fname)
+            continue
+        f = locate(root, name, fname)
         got = md5sum(f)
         if got != md5:
             raise DataError(f"corrupt data file: {f} has md5 {got}, expected {md5} (data.dvc)")
@@ -224,8 +276,8 @@ def load(name: str, split: str = "train", root: str | Path = "data/raw", *,
          check: bool = True) -> Dataset:
     """Load `split` (train | val | test) of dataset `name` as integer images in {0..levels-1}.
 
-    test: digits, `test_size` images drawn once with a fixed seed; mnist/cifar10, the official
-    test set. val: `val_size` (None: the dataset's default) of the remaining (official
+    test: digits, `test_size` images drawn once with a fixed seed; the real datasets, the
+    official test set. val: `val_size` (None: the dataset's default) of the remaining (official
     training) images, drawn with `split_seed`; train: the rest. The three are disjoint."""
     sp = spec(name)
     if split not in SPLITS:
@@ -240,14 +292,19 @@ def load(name: str, split: str = "train", root: str | Path = "data/raw", *,
             idx = rest[split_indices(len(rest), val_size or sp.val_size, split, split_seed)]
         images, labels = images[idx], labels[idx]
     else:
-        if check:
-            verify(root, name)
         official = "test" if split == "test" else "train"
+        if name == "fashion_mnist":  # each file checked by its content as it is read
+            prefix = "train" if official == "train" else "t10k"
+            images, labels = (parse_idx(verified_content(root, name, f, check), locate(root, name, f))
+                              for f in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"))
+            images, labels = images[:, None], labels.astype(np.int64)
+        elif check:
+            verify(root, name)
         if name == "mnist":
             prefix = "train" if official == "train" else "t10k"
             images = read_idx(root / name / f"{prefix}-images-idx3-ubyte.gz")[:, None]
             labels = read_idx(root / name / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-        else:
+        elif name == "cifar10":
             images, labels = read_cifar10(root / name / "cifar-10-python.tar.gz", official)
         if split != "test":
             idx = split_indices(len(images), val_size or sp.val_size, split, split_seed)

@@ -137,6 +137,80 @@ def test_real_dataset_missing_says_how_to_fetch(tmp_path):
         data.load("mnist", "train", tmp_path)
 
 
+# ------------------------------------------------------------------------------ Fashion-MNIST
+
+def make_fashion(root: Path, monkeypatch, n_train=12, n_test=5, mtime=0, level=9):
+    """Fixture IDX files of Fashion-MNIST's names under root/fashion_mnist, gzip-compressed
+    with `level` and `mtime`, and the dataset's pins replaced by their contents' SHA-256."""
+    import hashlib
+
+    rng = np.random.default_rng(1)
+    d = root / "fashion_mnist"
+    d.mkdir(parents=True, exist_ok=True)
+    arrays, contents = {}, {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, arr in (("images", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                          ("labels", rng.integers(0, 10, n, dtype=np.uint8))):
+            ndim = 3 if kind == "images" else 1
+            raw = bytes([0, 0, 0x08, ndim]) + b"".join(int(x).to_bytes(4, "big") for x in arr.shape) + arr.tobytes()
+            name = f"{prefix}-{kind}-idx{ndim}-ubyte.gz"
+            (d / name).write_bytes(gzip.compress(raw, compresslevel=level, mtime=mtime))
+            contents[name] = hashlib.sha256(raw).hexdigest()
+            arrays[prefix, kind] = arr
+    sp = data.spec("fashion_mnist")
+    monkeypatch.setitem(data.SPECS, "fashion_mnist", type(sp)(**{**sp.__dict__, "contents": contents,
+                                                                   "system_dirs": ()}))
+    return arrays
+
+
+@pytest.mark.parametrize("level, mtime", [(9, 0), (1, 1234567890)])  # two gzip encodings of one content
+def test_fashion_mnist_loads_from_either_gzip_variant(tmp_path, monkeypatch, level, mtime):
+    arrays = make_fashion(tmp_path, monkeypatch, mtime=mtime, level=level)
+    tr = data.load("fashion_mnist", "train", tmp_path, val_size=4)
+    va = data.load("fashion_mnist", "val", tmp_path, val_size=4)
+    te = data.load("fashion_mnist", "test", tmp_path)
+    assert (tr.shape, tr.levels, len(tr), len(va), len(te)) == ((1, 28, 28), 256, 8, 4, 5)
+    assert np.array_equal(te.images[:, 0], arrays["t10k", "images"]) and np.array_equal(te.labels, arrays["t10k", "labels"])
+    key = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
+    assert key(np.concatenate([tr.images[:, 0], va.images[:, 0]])) == key(arrays["train", "images"])
+
+
+def test_fashion_mnist_refuses_a_changed_byte_and_names_the_file(tmp_path, monkeypatch):
+    make_fashion(tmp_path, monkeypatch)
+    f = tmp_path / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    raw[-1] ^= 1  # one pixel of the last test image
+    f.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match=r"corrupt data file: .*t10k-images-idx3-ubyte\.gz: its decompressed "
+                                        r"content has SHA-256 [0-9a-f]{64}, expected"):
+        data.load("fashion_mnist", "test", tmp_path)
+    data.load("fashion_mnist", "train", tmp_path, val_size=4)  # the other files still load
+    f.write_bytes(f.read_bytes()[:100])  # truncated
+    with pytest.raises(DataError, match="corrupt or truncated gzip file"):
+        data.load("fashion_mnist", "test", tmp_path)
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
+    sp = data.spec("fashion_mnist")
+    assert sp.system_dirs == ("/usr/share/datasets/fashion-mnist",)  # where Debian's package puts it
+    nowhere = str(tmp_path / "usr-share")  # this machine may have it installed
+    monkeypatch.setitem(data.SPECS, "fashion_mnist", type(sp)(**{**sp.__dict__, "system_dirs": (nowhere,)}))
+    with pytest.raises(DataError, match=rf"missing data file: .*fashion_mnist/train-images-idx3-ubyte\.gz "
+                                        rf"\(nor in {nowhere}\).*apt-get install dataset-fashion-mnist"):
+        data.load("fashion_mnist", "train", tmp_path / "empty")
+
+
+def test_fashion_mnist_pins_are_the_official_content():
+    """Where the Debian package is installed (not at test time in CI): its files pass the pins,
+    and the arrays are the published dataset (60,000 / 10,000 balanced, mean pixel 72.94)."""
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist not installed (the other Fashion-MNIST tests use fixtures)")
+    tr = data.load("fashion_mnist", "train", "data/raw", val_size=5000)
+    te = data.load("fashion_mnist", "test", "data/raw")
+    assert (len(tr), len(te)) == (55_000, 10_000) and np.bincount(te.labels).tolist() == [1000] * 10
+    assert te.images.shape[1:] == (1, 28, 28)
+
+
 # ------------------------------------------------------------------------------ CIFAR-10
 
 def test_cifar_tarball_and_folder(tmp_path):
@@ -191,9 +265,9 @@ def test_cifar_pickle_cannot_run_code(tmp_path):
 def test_data_dvc_pins_match_reader_checksums():
     pins = yaml.safe_load((REPO / "data.dvc").read_text())
     assert pins.get("frozen") is True
-    pinned = {Path(o["path"]).name: (Path(o["path"]).parent.name, o["md5"]) for o in pins["outs"]}
-    expected = {f: (name, md5) for name in data.names() for f, md5 in data.spec(name).files.items()}
-    assert pinned == expected
+    pinned = {(Path(o["path"]).parent.name, Path(o["path"]).name): o["md5"] for o in pins["outs"]}
+    expected = {(name, f): md5 for name in data.names() for f, md5 in data.spec(name).files.items()}
+    assert pinned == expected and ("fashion_mnist", "t10k-labels-idx1-ubyte.gz") in pinned
 
 
 def test_prepared_roundtrip_and_corruption(tmp_path):
