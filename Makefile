@@ -2,11 +2,12 @@
 #   make repro   - create .venv, install the pinned dependencies, run `dvc repro`
 #   make test    - the same set-up if needed, then the whole test suite (slow tests included)
 #   make reference - the reference configuration (reference/params.yaml; about an hour on 2 cores)
+#   make fashion   - the Fashion-MNIST configuration (fashion_mnist/params.yaml; needs the dataset)
 PYTHON ?= python3
 VENV   := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro reference test bench clean-venv
+.PHONY: setup repro reference fashion test bench clean-venv
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ repro: setup
 
 reference: setup
 	cd reference && dvc repro
+
+fashion: setup
+	cd fashion_mnist && dvc repro
 
 test: setup
 	python -m pytest tests

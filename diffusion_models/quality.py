@@ -130,9 +130,16 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
             opt.step()
             sched.step()
     model.eval()
-    with torch.no_grad():
-        acc = lambda x, y: (model(x).argmax(1) == y).float().mean().item()  # noqa: E731
-        return ClassifierResult(model, acc(xt, test_y), acc(xs, train_y), time.perf_counter() - start)
+    return ClassifierResult(model, accuracy(model, xt, test_y), accuracy(model, xs, train_y),
+                            time.perf_counter() - start)
+
+
+@torch.no_grad()
+def accuracy(model: DomainClassifier, rgb: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """The classifier's accuracy on uint8 RGB images (`to_rgb_uint8`), in batches."""
+    hits = sum((model(rgb[i: i + batch_size]).argmax(1) == labels[i: i + batch_size]).sum().item()
+               for i in range(0, len(rgb), batch_size))
+    return hits / len(rgb)
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"

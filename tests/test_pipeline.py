@@ -18,7 +18,7 @@ TINY = {
     "data": {"name": "digits"},
     "train": {"images": 256, "batch_size": 64, "seed": 0, "seeds": 2, "fractions": [0.5, 1.0], "device": "cpu",
               "val_every": 2},
-    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2, "ode": {"rtol": 1e-2, "atol": 1e-2, "n_test": 16, "check_tol": 1e-3}},
+    "evaluate": {"iwae_k": 4, "sweep_iwae_k": 2, "n_test": 200, "ode": {"rtol": 1e-2, "atol": 1e-2, "n_test": 16, "check_tol": 1e-3}},
     "features": {"inception_weights": None, "require_inception": False},
     "sample": {"n_samples": 64, "batch_size": 16, "kid_subset_size": 32, "prc_neighborhood": 3,
                "sampler": "dpm++2m", "steps": 4, "grid": {"ancestral": [40], "ddim": [2], "dpm++2m": [2]},
@@ -222,6 +222,7 @@ def test_dvc_repro_end_to_end(tmp_path):
                  "first 16 test images)")
     assert set(nll["estimator"]) == {"exact", "ELBO", "IWAE-2", "IWAE-4", "VLB (T=40, exact sum)", ode_label}
     assert (nll[nll["estimator"] == ode_label]["n_test"] == 16).all()
+    assert (nll[nll["estimator"] != ode_label]["n_test"] == 200).all()  # evaluate.n_test: the first 200 of 297
     views = pd.read_csv(results / "likelihood_views.csv").set_index("model")
     assert list(views.index) == ["ddpm"] and views.loc["ddpm", "seeds"] == 2 and views.loc["ddpm", "ode_nfe"] > 0
     ode_nll = nll[nll["estimator"] == ode_label].iloc[0]

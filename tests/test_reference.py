@@ -2,6 +2,7 @@
 a valid configuration of the same models trained further."""
 from pathlib import Path
 
+import pytest
 import yaml
 
 from diffusion_models.config import load_params
@@ -18,9 +19,10 @@ def _rebased(spec):
     return spec
 
 
-def test_reference_pipeline_is_the_main_pipeline_rebased():
+@pytest.mark.parametrize("folder", ["reference", "fashion_mnist"])  # the named configurations
+def test_reference_pipeline_is_the_main_pipeline_rebased(folder):
     main = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    ref = yaml.safe_load((REPO / "reference" / "dvc.yaml").read_text())
+    ref = yaml.safe_load((REPO / folder / "dvc.yaml").read_text())
     assert ref == {"stages": {name: _rebased(spec) for name, spec in main["stages"].items()}}
 
 

@@ -28,7 +28,7 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     if unchanged(path, inputs):
         print(f"evaluate {name}: checkpoints, data, settings and code unchanged; record kept")
         return {}
-    x = to_tensor(split(cfg, "test"), dev)
+    x = to_tensor(split(cfg, "test"), dev)[:cfg.evaluate.n_test]  # n_test None: every test image
     out = []
     for run in runs:
         model = load_model(cfg, name, dev, run["checkpoint"])

@@ -55,9 +55,8 @@ def features(cfg: Config, device: str | None = None) -> dict[str, Any]:
     dev = setup_torch(cfg, device)
     test = split(cfg, "test")
     net = quality.load_classifier(spaces[quality.CLASSIFIER][0])
-    with torch.no_grad():
-        logits = net(quality.to_rgb_uint8(torch.from_numpy(test.images).long(), test.levels))
-    accuracy = (logits.argmax(1) == torch.from_numpy(test.labels)).float().mean().item()
+    accuracy = quality.accuracy(net, quality.to_rgb_uint8(torch.from_numpy(test.images).long(), test.levels),
+                                torch.from_numpy(test.labels).long())
     status = {}
     for name, (path, st, digest) in spaces.items():
         status[name] = {"status": st, "sha256": digest, "label": quality.extractor_label(name, digest)}
