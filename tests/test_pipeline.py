@@ -352,3 +352,14 @@ def test_fid_reference_statistics_are_keyed_by_the_reference_images(tmp_path, mo
     new = names[1] - names[0]
     assert new and all(n.split("-")[0].endswith("train") for n in new), (names, new)
     assert {n for n in names[0] if "test-" in n} <= names[1]
+
+
+def test_code_digests_hash_the_code_dvc_tracks_not_the_data_files_beside_it():
+    """A stage's code digest covers the package files its dvc.yaml deps list (folders: their
+    .py files), not the classifiers in assets/ (records name those by their own SHA-256), so
+    shipping another dataset's classifier invalidates no record."""
+    from diffusion_models.pipeline.common import stage_sources
+
+    sources = stage_sources("sample")
+    assert {"quality.py", "pipeline/sample.py", "evaluate.py"} <= set(sources)
+    assert all(s.endswith(".py") for s in sources) and not any(s.startswith("models/") for s in sources)

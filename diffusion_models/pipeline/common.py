@@ -41,7 +41,7 @@ MODELS_DIR = PACKAGE + "models"  # per model: only its own modules (model_source
 @functools.cache
 def stage_sources(stage: str) -> tuple[str, ...]:
     """The package files (relative to the package) that dvc.yaml lists as dependencies of
-    `stage` (a per-model stage's `do` block); a listed folder stands for every file in it. The
+    `stage` (a per-model stage's `do` block); a listed folder stands for every .py file in it. The
     models folder is left out: a per-model stage hashes its own model's modules instead."""
     if not DVC_YAML.is_file():
         raise StageError(f"no {DVC_YAML.name} beside the package ({DVC_YAML}): the pipeline's stages "
@@ -56,7 +56,9 @@ def stage_sources(stage: str) -> tuple[str, ...]:
         if not dep.startswith(PACKAGE) or dep.rstrip("/") == MODELS_DIR:
             continue
         path = root / dep
-        files = sorted(f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
+        # a folder's code only: data files in it (the FID classifiers of assets/) are inputs the
+        # records name by their own SHA-256, so another dataset's classifier changes no digest
+        files = sorted(f for f in path.rglob("*.py") if f.is_file() and "__pycache__" not in f.parts) \
             if path.is_dir() else [path]
         out |= {f.relative_to(root / PACKAGE).as_posix() for f in files}
     return tuple(sorted(out))
