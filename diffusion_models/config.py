@@ -55,8 +55,8 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 0              # torch intra-op threads; 0 = library default
     workers: int = 0              # CPU: training runs (seeds) side by side, in this many processes
-                                  # sharing the threads; 0 = one per thread (at most one per run),
-                                  # 1 = in turn in the stage's process
+                                  # sharing the threads; 0 = one per run (at most twice the
+                                  # threads), 1 = in turn in the stage's process
     log_every: int = 50           # steps between DVCLive points
     val_every: int = 200          # steps between validation bounds on the learning curve (0: off)
     val_t_samples: int = 10       # diffusion: strata of t of that validation bound (cheap, unbiased)

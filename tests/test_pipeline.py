@@ -128,7 +128,7 @@ def test_retraining_runs_side_by_side_replaces_their_old_curves(tmp_path, monkey
     threads = torch.get_num_threads()
     monkeypatch.chdir(tmp_path)
     params = {**TINY, "models": {"vae": {"width": 8}},
-              "train": {**TINY["train"], "seeds": 3, "threads": 2, "log_every": 1, "val_every": 1}}
+              "train": {**TINY["train"], "seeds": 3, "threads": 2, "workers": 2, "log_every": 1, "val_every": 1}}
     try:
         for lr in (2e-3, 1e-3):  # the second lr: every run retrains
             params["train"]["lr"] = lr

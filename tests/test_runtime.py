@@ -121,7 +121,8 @@ def test_workers_die_with_a_killed_stage(tmp_path):
 
 @pytest.mark.parametrize("device, world, threads, runs, workers, expected", [
     ("cpu", 1, 2, 2, 0, (2, 1)),    # one run per thread
-    ("cpu", 1, 2, 3, 0, (2, 1)),    # no more processes than threads
+    ("cpu", 1, 2, 3, 0, (3, 1)),    # one process per run, sharing the cores
+    ("cpu", 1, 2, 5, 0, (4, 1)),    # at most twice the threads
     ("cpu", 1, 8, 2, 0, (2, 4)),    # the threads shared out
     ("cpu", 1, 8, 3, 0, (3, 2)),
     ("cpu", 1, 8, 4, 2, (2, 4)),    # train.workers caps it

@@ -199,19 +199,20 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 def parallel_runs(cfg: Config, n_runs: int, dev: torch.device, world: int = 1) -> tuple[int, int]:
     """(worker processes, intra-op threads each) for `n_runs` independent training runs. On a
-    CPU: one process per thread of this process (`train.workers` caps it), at most one per run,
-    the threads shared out between them; small convolutions use two threads poorly, so on the
-    2-core Intel Xeon two one-thread runs side by side trained 1.1-1.7x faster than the same
-    runs in turn (benchmarks: test_parallel_runs). Never more processes than threads, so three
-    seeds on two cores train two side by side, then the third alone (on the 2-core AMD EPYC
-    Zen 3, three one-thread vae runs side by side trained at 2,850 images/s in all, two at
-    2,900: one process per run would end sooner). On a GPU, under torchrun, or for a single
-    run: the runs in turn in this process, with its threads."""
+    CPU with two or more threads: one process per run, up to twice the threads
+    (`train.workers` caps it), the threads shared out between them (at least one each). Small
+    convolutions use two threads poorly, so on the 2-core Intel Xeon two one-thread runs side
+    by side trained 1.1-1.7x faster than the same runs in turn (benchmarks: test_parallel_runs);
+    and a third run beside them costs no throughput where waiting for a free core leaves one
+    idle: three one-thread processes on two cores trained 7,776 vae and 2,612 pixelcnn images/s
+    in all against 8,031 and 2,696 for two (Intel Xeon; AMD EPYC Zen 3: 2,850 against 2,900
+    vae), so three seeds end in about 3/4 of the time of two-then-one. On one thread, on a GPU,
+    under torchrun, or for a single run: the runs in turn in this process, with its threads."""
     threads = torch.get_num_threads()  # after setup_torch: train.threads, or the library default
-    if dev.type != "cpu" or world > 1 or n_runs < 2 or cfg.train.workers == 1:
+    if dev.type != "cpu" or world > 1 or n_runs < 2 or cfg.train.workers == 1 or threads < 2:
         return 1, threads
-    workers = min(n_runs, cfg.train.workers or threads, threads)
-    return workers, threads // workers
+    workers = min(n_runs, cfg.train.workers or 2 * threads)
+    return workers, max(1, threads // workers)
 
 
 _WORKER: dict[str, Any] = {}  # in a worker process of in_workers: its message queue
