@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def copy_repo(dst: Path) -> None:
     """The repository's tracked and not-ignored files (the main pipeline alone: no results/,
-    no reference/) copied to dst."""
+    no reference/ or fashion_mnist/) copied to dst."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         src = REPO / f
-        if src.is_file() and not f.startswith(("results/", "reference/")):
+        if src.is_file() and not f.startswith(("results/", "reference/", "fashion_mnist/")):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
 
