@@ -102,9 +102,9 @@ def test_sigkill_mid_training_then_rerun_resumes_bit_identically(tmp_path):
 def test_dvc_repro_after_the_training_process_is_killed_resumes(tmp_path):
     """The stage's training process dies (SIGKILL, as the OOM killer does); DVC marks the stage
     failed, and the next `dvc repro` resumes from the saved state."""
-    from test_pipeline import _copy_repo
+    from helpers import copy_repo
 
-    _copy_repo(tmp_path)
+    copy_repo(tmp_path)
     params = {**PARAMS, "train": {**PARAMS["train"], "images": 64 * 2000}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
