@@ -90,6 +90,29 @@ def test_dequantized_bound_against_the_exact_discrete_nll_of_a_standard_normal()
     assert diff.mean().item() < 0.1 * (expect_k1 - exact)[sub].mean().item()  # and much tighter
 
 
+def test_dequantization_offset_at_256_levels_is_the_bin_width_of_2_over_255():
+    """At Fashion-MNIST's size (1x28x28, L = 256) the bins are 2/255 wide on [-1, 1] and the
+    smooth N(0, I) of the untrained flow puts a Jensen gap of only h^2 c^2 / 6 per dimension
+    (about 7e-4 nats an image) between the K=1 bound and the exact NLL: the bound must sit on
+    the exact NLL, within its Monte Carlo noise. score_sde's 8-bit convention (bins 2/256 wide:
+    its 'offset 7' for data on [-1, 1]) would be off by D log(256/255) = 3.07 nats an image."""
+    shape, levels = (1, 28, 28), 256
+    h = 1 / (levels - 1)
+    m = models.build("flow", shape=shape, levels=levels, width=8, steps=1)
+    x = uniform(256, shape, levels, seed=3)
+    c = lk.to_unit(x, levels).double().flatten(1)
+    normal64 = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    exact = -torch.log(normal64.cdf(c + h) - normal64.cdf(c - h)).sum(1)  # [N], nats
+    torch.manual_seed(0)
+    diff = m.nll_bound(x, k=1).double() - exact
+    se = diff.std().item() / math.sqrt(len(x))
+    assert 0 < se < 0.05  # the dequantization noise (0.002 nats), far below 3.07 nats
+    assert abs(diff.mean().item()) < 4 * se, (diff.mean().item(), se)
+    assert abs(diff.mean().item() - shape[-1] ** 2 * math.log(256 / 255)) > 8 * se
+    bpd = lk.bits_per_dim(m.nll_bound(x, k=1).double().mean().item(), m.dims)
+    assert bpd == pytest.approx(lk.bits_per_dim(exact.mean().item(), m.dims), abs=1e-3)
+
+
 def test_bound_on_uniform_data_is_at_least_log2_levels_after_training():
     shape, levels = (1, 4, 4), 17
     m = models.build("flow", shape=shape, levels=levels, width=16)

@@ -85,16 +85,20 @@ def test_rejects_float_input_and_unknown_estimator(name):
         m.nll_bound(uniform(2, (1, 8, 8), 17), bogus=1)
 
 
+@pytest.mark.parametrize("dataset", ["digits", "mnist"])  # mnist: Fashion-MNIST's 1x28x28, 256 levels
 @pytest.mark.parametrize("name", NAMES)
-def test_bound_on_uniform_data_is_at_least_log2_levels(name):
-    """No valid bound beats the entropy: held-out uniform data costs >= log2(L) bits/dim."""
-    shape, levels = SHAPES["digits"]
+def test_bound_on_uniform_data_is_at_least_log2_levels(name, dataset):
+    """No valid bound beats the entropy: held-out uniform data costs >= log2(L) bits/dim (4.09
+    at 17 levels; 8 at 256, where a bin is 2/255 wide). The dequantization offsets themselves
+    are pinned to closed forms at 256 levels in test_flow and test_ode."""
+    shape, levels = SHAPES[dataset]
     m = models.build(name, shape=shape, levels=levels)
-    train(m, uniform(512, shape, levels, seed=0),
-          TrainConfig(images=2048, batch_size=64, lr=3e-3), progress=False)
-    held_out = uniform(512, shape, levels, seed=1)
+    n = 512 if dataset == "digits" else 128
+    train(m, uniform(n, shape, levels, seed=0),
+          TrainConfig(images=4 * n, batch_size=64, lr=3e-3), progress=False)
+    held_out = uniform(n, shape, levels, seed=1)
     ecfg = EvalConfig(iwae_k=16)
-    ecfg.ode.n_test = 64  # diffusion models' probability-flow ODE bound: on 64 of the images
+    ecfg.ode.n_test = 64 if dataset == "digits" else 16  # diffusion models' ODE bound: on a subset
     ecfg.ode.check_tol = None  # its solver check: test_ode
     for label, kwargs in m.estimators(ecfg):
         n = kwargs.get("max_examples")
