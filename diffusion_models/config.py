@@ -79,10 +79,9 @@ class ODEEvalConfig:
     k: int = 1                    # dequantization (importance) samples per example (k > 1: exact
                                   # divergence only; Hutchinson noise inside the log-mean-exp biases it)
     n_test: int | None = 100      # the first n test images (a fixed subset); None: all of them
-    batch_size: int = 128         # test images per adaptive solve (a batch shares its steps and NFE);
-                                  # its small network passes are overhead-bound on a CPU, so one
-                                  # solve of the 100 images took 6.0-6.9 s on the Intel Xeon where
-                                  # two (64 + 36, at evaluate.batch_size) took 9.6-14.5 s
+    batch_size: int = 128         # test images per adaptive solve (a batch shares its steps and NFE;
+                                  # small network passes are overhead-bound on a CPU: fewer, larger
+                                  # solves are faster)
 
 
 @dataclass
@@ -97,9 +96,8 @@ class EvalConfig:
     n_test: int | None = None     # the first n test images (a fixed subset) for every estimator;
                                   # None: all of them (digits: 297; the real datasets: 10,000)
     batch_size: int = 64          # test examples per bound evaluation batch
-    chunk: int = 2048             # max (examples x samples) per network pass (IWAE-1000 of the
-                                  # VAE/HVAE ran 1.4x faster at 2048 than at 4096 on the Intel
-                                  # Xeon: benchmarks, test_bound_chunk)
+    chunk: int = 2048             # max (examples x samples) per network pass (its speed:
+                                  # benchmarks, test_bound_chunk)
     seed: int = 0
     ode: ODEEvalConfig = field(default_factory=ODEEvalConfig)
 
@@ -156,6 +154,13 @@ class CompareConfig:
                                    # `matched` warning column, instead of refusing
 
 
+def _registered_models() -> dict[str, dict[str, Any]]:
+    """The package's own models, in the registry's order (plugins join through params)."""
+    from . import models  # the registry imports this module: imported when a Config is made
+
+    return {name: {} for name in models.names() if models.get(name).__module__.startswith(__package__ + ".")}
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,12 +169,9 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
-    # model name -> overrides of that model's own config class (checked at build time)
-    models: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {name: {} for name in
-                                 ("baseline", "vae", "hvae", "ddpm", "ddpm_x0", "ddpm_score", "iddpm", "vdm",
-                                  "pixelcnn", "flow")}
-    )
+    # model name -> overrides of that model's own config class (checked at build time); default:
+    # every built-in model (the registry, models.names(): the one list of them)
+    models: dict[str, dict[str, Any]] = field(default_factory=_registered_models)
 
 
 _POSITIVE = {"train.images", "train.batch_size", "train.lr", "train.log_every", "train.checkpoint_every",

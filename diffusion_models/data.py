@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime import file_digest
+
 
 class DataError(RuntimeError):
     """Missing, truncated or corrupt data; the message names the file and what was expected."""
@@ -198,14 +200,6 @@ def read_cifar10(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def locate(root: Path, name: str, fname: str) -> Path:
     """Native file `fname` of dataset `name`: root/<name>/<fname>, else the first of the
     dataset's system directories that holds it."""
@@ -241,7 +235,7 @@ def verify(root: Path, name: str) -> None:
             verified_content(root, name, fname)
             continue
         f = locate(root, name, fname)
-        got = md5sum(f)
+        got = file_digest(f, "md5")
         if got != md5:
             raise DataError(f"corrupt data file: {f} has md5 {got}, expected {md5} (data.dvc)")
 

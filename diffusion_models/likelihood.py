@@ -107,3 +107,9 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
 def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
     """Nats per example -> bits per dimension."""
     return nats / (dims * LN2)
+
+
+def k_sample_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """-log (1/K) sum_k w_k from the log importance weights [K, B] of K samples per example
+    (IWAE, and the flow's and the ODE's K-sample dequantized bounds): nats [B]."""
+    return -(torch.logsumexp(log_w, 0) - math.log(len(log_w)))

@@ -209,7 +209,7 @@ def dequantized_nll(view: ODEView, x_int: torch.Tensor, levels: int, settings: O
 
     def bound_of(parts: dict[str, torch.Tensor], log_q_y: torch.Tensor) -> torch.Tensor:
         log_w = (parts["prior"] + parts["flow"]).double() - log_q_y  # log p(y) / q_y(y)
-        return -(torch.logsumexp(log_w.view(k, -1), 0) - math.log(k))
+        return lk.k_sample_bound(log_w.view(k, -1))
 
     parts, nfe = log_density(view, y, settings, divergence_estimator, probes, generator)
     bound = bound_of(parts, log_q_y)

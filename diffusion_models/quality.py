@@ -13,7 +13,6 @@ Images enter the extractors as torch-fidelity expects them: uint8 [B, 3, H, W] i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from .runtime import QualityError  # noqa: F401  (raised here; the CLI catches it without this module)
+from .runtime import file_digest
 
 CLASSIFIER = "classifier"
 INCEPTION = "inception-v3-compat"
@@ -145,14 +145,6 @@ def accuracy(model: DomainClassifier, rgb: torch.Tensor, labels: torch.Tensor, b
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shipped_classifier(dataset: str) -> Path:
     return ASSETS / f"classifier-{dataset}.pt"
 
@@ -165,7 +157,7 @@ def classifier_weights(dataset: str, configured: str | None = None) -> tuple[Pat
     path = Path(configured) if configured else shipped_classifier(dataset)
     if not path.is_file():
         raise QualityError(f"no FID classifier weights at {path}: retrain them with {retrain}")
-    digest = sha256(path)
+    digest = file_digest(path, "sha256")
     record = path.with_suffix(".json")
     if not configured or record.is_file():
         if not record.is_file():

@@ -39,6 +39,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes: SHA-1 in the records, SHA-256 for shipped weights, MD5 for
+    data.dvc's pins."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
 @functools.cache
 def source_digest(files: tuple[str, ...]) -> str:
     """SHA-1 of the named source files of this package (paths relative to it): what a kept

@@ -138,4 +138,5 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Mo
 
 
 # Importing the model files registers them.
-from . import baseline, diffusion, flow, hvae, pixelcnn, vae, vdm  # noqa: E402,F401
+# imported in the tables' order: the registry's order is the default `models:` list (config.py)
+from . import baseline, vae, hvae, diffusion, vdm, pixelcnn, flow  # noqa: E402,F401,I001

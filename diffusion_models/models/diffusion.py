@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 import torch
 
 from .. import likelihood as lk
-from .. import ode
 from .. import samplers as smp
 from ..nets import Denoiser, DenoiserConfig
 from . import register
-from .base import Model
+from .family import DiffusionFamily
 
 
 def make_betas(schedule: str, T: int) -> torch.Tensor:
@@ -59,12 +58,12 @@ def t_strata(T: int, k: int, spacing: str = "log") -> torch.Tensor:
     return torch.tensor(edges)
 
 
-class GaussianDiffusion(ode.ProbabilityFlow, Model):
-    """Shared machinery; subclasses pick the network target and the training loss."""
+class GaussianDiffusion(DiffusionFamily):
+    """Shared machinery of the discrete-time process; subclasses pick the network target and
+    the training loss (the estimators and samplers are the family's: family.py)."""
 
-    family = "diffusion"
     target: ClassVar[str] = "eps"  # what the network predicts: eps | x0 | score
-    samplers = ("ancestral", *smp.SOLVERS, "ode")
+    vlb_options = ("spacing",)
 
     @dataclass
     class Config(DenoiserConfig):
@@ -125,14 +124,6 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         if self.target == "eps":
             return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
         return (x_t + (1 - ab) * out) / ab.sqrt()  # score
-
-    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t - sqrt(ab) x0) / sqrt(1-ab) = -sqrt(1-ab) score."""
-        if self.target == "eps":
-            return out
-        if self.target == "x0":
-            return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
-        return -(1 - ab).sqrt() * out  # score
 
     def mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(x_{t-1} | x_t) from the raw network output."""
@@ -247,33 +238,19 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
                    "nats": per_stratum}
         return terms, profile
 
-    @torch.no_grad()
-    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 2048, spacing: str = "log",
-                          ode: dict[str, Any] | None = None, **estimator: Any):
-        """The VLB's terms and profile over strata of t; with `ode` (`ode_estimator`), the ODE bound."""
-        self._reject(estimator, self.name or type(self).__name__)
-        self._check_x(x)
-        if ode is not None:
-            return self.ode_terms(x, **ode)
+    def vlb_profile(self, x, t_samples: int, chunk: int, spacing: str = "log"):
+        """The discrete VLB's terms and profile over strata of t (`t_strata`)."""
         if t_samples < 0:
             raise ValueError(f"t_samples must be >= 0 (0 = exact sum over all T terms), got {t_samples}")
         return self._vlb_terms(lk.to_unit(x, self.levels), x, t_samples, chunk, spacing)
 
-    def nll_terms(self, x, **estimator: Any):
-        return self.nll_terms_profile(x, **estimator)[0]
-
-    def estimators(self, ecfg):
+    def vlb_estimator(self, ecfg):
         T, k = self.cfg.T, ecfg.t_samples
         if k == 0 or k >= T - 1:
             label = f"VLB (T={T}, exact sum)"
         else:
             label = f"VLB (T={T}, {k} t, {ecfg.t_spacing} strata)"
-        vlb = (label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing})
-        return [vlb] + ([self.ode_estimator(ecfg.ode)] if ecfg.ode.enabled else [])
-
-    def headline_estimator(self, ecfg):
-        """The discrete-time VLB on the whole test split (the ODE bound is the other view, on a subset)."""
-        return self.estimators(ecfg)[0][0]
+        return label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing}
 
     # -------------------------------------------------------------- training
 
@@ -305,27 +282,13 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
 
     # -------------------------------------------------------------- sampling
 
-    nfe_module_name = "net"  # one U-Net call is one network evaluation
+    @property
+    def default_steps(self) -> int:
+        return self.cfg.T
 
-    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", rtol=None, atol=None,
-                      **options: Any) -> str:
-        if sampler == "ode":
-            return self.ode_sampler_label(rtol, atol)
-        n = self.nfe(sampler, steps)
-        every_t = sampler == "ancestral" and n == self.cfg.T  # all T times: no spacing to name
-        return smp.label(sampler, n, eta, None if every_t else spacing)
-
-    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int | None:
-        if sampler == "ode":
-            return None  # adaptive: counted, not declared
-        return self.cfg.T if steps is None else int(steps)
-
-    def _sample_steps(self, steps: int | None) -> int:
-        T = self.cfg.T
-        steps = T if steps is None else int(steps)
-        if not 1 <= steps <= T:
-            raise ValueError(f"{self.name or type(self).__name__}: steps must be in 1..{T}, got {steps}")
-        return steps
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.T
 
     # the solvers' view of the model (samplers.SolverView)
     def solver_times(self, steps: int, spacing: str) -> torch.Tensor:
@@ -401,7 +364,7 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
         """Ho et al. Alg. 2 on the respaced process (`respaced`; steps None or T: Alg. 2 itself),
         from x at t_0 in `steps` network evaluations; the last step returns its mean. The
         continuous state at the data end [n,C,H,W]."""
-        steps = self._sample_steps(steps)
+        steps = self.sample_steps(steps)
         sch = self.respaced(steps, spacing)
         for i in range(steps):
             mean, logvar = self.respaced_mean_logvar(self.denoise(x, sch["t"][i].expand(len(x))), x, sch, i)
@@ -411,26 +374,13 @@ class GaussianDiffusion(ode.ProbabilityFlow, Model):
                 x = mean
         return x
 
-    @torch.no_grad()
-    def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
-               rtol=None, atol=None, **options: Any):
-        """ancestral: Ho et al. Alg. 2 over all T steps, or respaced to `steps` on the `spacing`
-        grid (`ancestral`); ddim / dpm++2m: `steps` network evaluations on the `spacing` grid
-        (samplers.py); ode: the probability-flow ODE solved adaptively to rtol/atol (ode.py) down
-        to t = 1, divided by alpha_1. The last state is binned to the L levels."""
-        self.check_sampler(sampler, steps, options)
-        self.check_ode_options(sampler, steps, eta, rtol, atol)
-        if sampler == "ode":
-            return lk.from_unit(self.ode_sample(n, generator, rtol, atol) / self.alpha_bar[1].sqrt(), self.levels)
-        steps = self._sample_steps(steps)
-        x = torch.randn(n, *self.shape, generator=generator, device=self.device)
-        if sampler == "ancestral":
-            if eta != 0:
-                raise ValueError(f"{self.name or type(self).__name__}: ancestral sampling takes no eta (its "
-                                 "noise is the reverse process's variance); eta is ddim's")
-            return lk.from_unit(self.ancestral(x, steps, spacing, generator), self.levels)
-        return lk.from_unit(smp.solve(self, x, sampler, steps, eta=eta, spacing=spacing,
-                                      generator=generator), self.levels)
+    def to_images(self, z, generator):
+        """The samplers' state at t = 0 (alpha_bar = 1) binned to the L levels."""
+        return lk.from_unit(z, self.levels)
+
+    def ode_images(self, z, generator):
+        """The ODE stops at t = 1 (the lowest noise trained on): divided by alpha_1, then binned."""
+        return lk.from_unit(z / self.alpha_bar[1].sqrt(), self.levels)
 
 
 @register("ddpm")

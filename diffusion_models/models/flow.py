@@ -347,7 +347,7 @@ class NormalizingFlow(Model):
             log_p.append((lp + ld).view(kk, b))
             prior -= lp.view(kk, b).sum(0) / k
             flow -= ld.view(kk, b).sum(0) / k
-        bound = -(torch.logsumexp(torch.cat(log_p), 0) - math.log(k))  # -log (1/K) sum p(y_k), [B]
+        bound = lk.k_sample_bound(torch.cat(log_p))  # -log (1/K) sum p(y_k), [B]
         gain = bound - (prior + flow) if k > 1 else torch.zeros_like(bound)
         return {"prior": prior, "flow": flow, "dequantization": self.offset + gain}
 

@@ -1,7 +1,6 @@
 """Shared bounds of latent-variable models (VAE, HVAE): ELBO terms and the IWAE-K bound."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ class LatentVariableModel(Model):
         post = self.posterior(x)
         per = max(1, chunk // b)
         log_w = [self.log_weights(x, post, min(per, k - start)).view(-1, b) for start in range(0, k, per)]
-        return -(torch.logsumexp(torch.cat(log_w), 0) - math.log(k))  # [B]
+        return lk.k_sample_bound(torch.cat(log_w))  # [B]
 
     @torch.no_grad()
     def nll_terms(self, x, k: int = 1, chunk: int = 2048, **estimator: Any):

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import likelihood as lk
-from .. import ode
-from .. import samplers as smp
 from ..nets import Denoiser, DenoiserConfig
 from . import register
-from .base import Model
+from .family import DiffusionFamily
 
 SCHEDULE_INTERIOR = ("variance", "vlb", "fixed")
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [N,C,H,W], gamma_t [N]) -> eps_hat
@@ -79,12 +77,12 @@ class NoiseSchedule(nn.Module):
 
 
 @register("vdm")
-class VDM(ode.ProbabilityFlow, Model):
-    """Kingma, Salimans, Poole & Ho 2021, "Variational Diffusion Models" (continuous-time VLB)."""
+class VDM(DiffusionFamily):
+    """Kingma, Salimans, Poole & Ho 2021, "Variational Diffusion Models" (continuous-time VLB);
+    its estimators and samplers are the family's (family.py)."""
 
-    samplers = ("ancestral", *smp.SOLVERS, "ode")
-
-    family = "diffusion"
+    discrete_time = False
+    default_steps = 1000  # the samplers' steps on the uniform grid in t when none are given
 
     @dataclass
     class Config(DenoiserConfig):     # the network shared by every diffusion variant
@@ -179,15 +177,8 @@ class VDM(ode.ProbabilityFlow, Model):
                + self._diffusion_term(xu, t, variance_grad=self.cfg.schedule_interior == "variance"))
         return vlb.mean() / self.dims
 
-    @torch.no_grad()
-    def nll_terms_profile(self, x, t_samples: int = 50, chunk: int = 2048, ode: dict[str, Any] | None = None,
-                          **estimator: Any):
-        """The bound's terms and its profile over the K strata of t (log SNR = -gamma(t)); with
-        `ode` (`ode_estimator`), the ODE bound."""
-        self._reject(estimator, "vdm")
-        self._check_x(x)
-        if ode is not None:
-            return self.ode_terms(x, **ode)
+    def vlb_profile(self, x, t_samples: int, chunk: int):
+        """The bound's terms and its profile over the K strata of t (log SNR = -gamma(t))."""
         if t_samples < 1:
             raise ValueError(f"vdm: the continuous-time VLB has no finite sum over steps (t_samples=0 means "
                              f"an exact sum over T terms); it needs a Monte Carlo t_samples >= 1, got {t_samples}")
@@ -206,29 +197,8 @@ class VDM(ode.ProbabilityFlow, Model):
                    "logsnr_lo": logsnr[1:].tolist(), "nats": per_stratum}
         return terms, profile
 
-    def nll_terms(self, x, **estimator: Any):
-        return self.nll_terms_profile(x, **estimator)[0]
-
-    def estimators(self, ecfg):
-        vlb = (f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})
-        return [vlb] + ([self.ode_estimator(ecfg.ode)] if ecfg.ode.enabled else [])
-
-    def headline_estimator(self, ecfg):
-        """The continuous-time VLB on the whole test split (the ODE bound is the other view, on a subset)."""
-        return self.estimators(ecfg)[0][0]
-
-    nfe_module_name = "net"  # one U-Net call is one network evaluation
-
-    def sampler_label(self, sampler="ancestral", steps=None, eta=0.0, spacing="trailing", rtol=None, atol=None,
-                      **options: Any) -> str:
-        if sampler == "ode":
-            return self.ode_sampler_label(rtol, atol)
-        return smp.label(sampler, self.nfe(sampler, steps), eta, spacing)
-
-    def nfe(self, sampler="ancestral", steps=None, **options: Any) -> int | None:
-        if sampler == "ode":
-            return None  # adaptive: counted, not declared
-        return 1000 if steps is None else int(steps)
+    def vlb_estimator(self, ecfg):
+        return f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk}
 
     # the probability-flow ODE's view of the model (ode.ODEView): log SNR = -gamma(t)
     def ode_logsnr_span(self) -> tuple[float, float]:
@@ -259,37 +229,19 @@ class VDM(ode.ProbabilityFlow, Model):
         g = g.view(-1, 1, 1, 1)
         return (z - torch.sqrt(torch.sigmoid(g)) * eps) / torch.sqrt(torch.sigmoid(-g)), eps
 
-    def _decode(self, z0: torch.Tensor, generator) -> torch.Tensor:
+    def to_images(self, z0: torch.Tensor, generator) -> torch.Tensor:
+        """The state at t = 0 (gamma_min) through the discrete decoder p(x|z_0): a draw."""
         return lk.sample_categorical(self._decoder_energy(z0), generator)
 
-    @torch.no_grad()
-    def sample(self, n, generator=None, sampler="ancestral", steps=None, eta=0.0, spacing="trailing",
-               rtol=None, atol=None, **options: Any):
-        """ancestral: p(z_s|z_t) = q(z_s|z_t, x=x_hat) on the uniform grid of `steps`
-        (`solver_times`); ddim / dpm++2m: samplers.py on the same grid; ode: the probability-flow
-        ODE solved adaptively to rtol/atol (ode.py) down to t = 0; then the discrete decoder p(x|z_0)."""
-        self.check_sampler(sampler, steps, options)
-        self.check_ode_options(sampler, steps, eta, rtol, atol)
-        if sampler == "ode":
-            return self._decode(self.ode_sample(n, generator, rtol, atol), generator)
-        steps = 1000 if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"vdm: steps must be >= 1, got {steps}")
-        if sampler != "ancestral":
-            z = torch.randn(n, *self.shape, generator=generator, device=self.device)
-            return self._decode(smp.solve(self, z, sampler, steps, eta=eta, spacing=spacing,
-                                          generator=generator), generator)
-        if eta != 0:
-            raise ValueError("vdm: ancestral sampling takes no eta (its noise is the posterior's "
-                             "variance); eta is ddim's")
-        dev = self.device
+    def ancestral(self, z: torch.Tensor, steps: int, spacing: str, generator) -> torch.Tensor:
+        """p(z_s|z_t) = q(z_s|z_t, x=x_hat) on the uniform grid of `steps` (`solver_times`),
+        from z = z_1: the state at t = 0."""
         grid = self.gamma(self.solver_times(steps, spacing))  # gamma at t_i = 1 - i/steps
-        z = torch.randn(n, *self.shape, generator=generator, device=dev)  # z_1
         for i in range(steps):
             g_t, g_s = grid[i], grid[i + 1]
-            eps = self.eps_hat(z, g_t.expand(n))
+            eps = self.eps_hat(z, g_t.expand(len(z)))
             c = -torch.expm1(g_s - g_t)  # 1 - snr(t)/snr(s)
             mean = torch.sqrt(torch.sigmoid(-g_s) / torch.sigmoid(-g_t)) * (z - c * torch.sqrt(torch.sigmoid(g_t)) * eps)
-            noise = torch.randn(z.shape, generator=generator, device=dev)
+            noise = torch.randn(z.shape, generator=generator, device=z.device)
             z = mean + torch.sqrt(torch.sigmoid(g_s) * c) * noise  # z_s
-        return self._decode(z, generator)
+        return z

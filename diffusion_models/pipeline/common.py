@@ -15,7 +15,8 @@ import yaml
 
 from .. import data, models
 from ..config import Config
-from ..runtime import die_with_parent, read_json, resolve_device, retain_freed_memory, source_digest, write_json
+from ..runtime import (die_with_parent, file_digest, read_json, resolve_device, retain_freed_memory, source_digest,
+                       write_json)
 
 PREPARED = Path("data/prepared")
 RESULTS = Path("results")
@@ -151,11 +152,7 @@ def file_sha1(path: str | Path) -> str:
     if not path.is_file():
         hint = " (missing prepared data: run the prepare stage, `dvc repro prepare`)" if path.parent == PREPARED else ""
         raise StageError(f"missing file: {path}{hint}")
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path)
 
 
 def unchanged(path: Path, inputs: dict[str, Any]) -> bool:

@@ -12,7 +12,7 @@ import torch
 
 from .. import quality
 from ..config import Config
-from ..runtime import device_label, processor, versions, write_json, write_text
+from ..runtime import device_label, file_digest, processor, versions, write_json, write_text
 from .common import FEATURES, GRIDS, METRICS, REFERENCE_CACHE, StageError, setup_torch, split, write_record
 
 REFERENCES = ("train", "test")  # the standard reference, and held-out images beside it
@@ -98,7 +98,7 @@ def train_classifier(cfg: Config, out: str | None = None) -> dict[str, Any]:
         epochs=f.epochs, width=f.width, lr=f.lr, batch_size=f.batch_size, seed=f.seed)
     path = Path(out) if out else quality.shipped_classifier(cfg.data.name)
     quality.save_classifier(res.model, path)
-    record = {"sha256": quality.sha256(path), "dataset": cfg.data.name, "val_accuracy": res.test_accuracy,
+    record = {"sha256": file_digest(path, "sha256"), "dataset": cfg.data.name, "val_accuracy": res.test_accuracy,
               "train_accuracy": res.train_accuracy, "n_train": len(train), "n_val": len(val),
               "config": dataclasses.asdict(f) | {"classifier": None, "inception_weights": None},
               "command": "python -m diffusion_models train-classifier", "processor": processor(),
