@@ -51,9 +51,12 @@ def nearest(queries: torch.Tensor, reference: torch.Tensor,
 
 
 def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor,
-                 quantile: float = 0.05, chunk: int = 1024) -> dict[str, float]:
+                 quantile: float = 0.05, chunk: int = 1024,
+                 heldout_distances: torch.Tensor | None = None) -> dict[str, float]:
     """Nearest-neighbour memorisation statistics of `samples` against `train`, calibrated by
-    real `heldout` rows (same distribution as `train`, never trained on).
+    real `heldout` rows (same distribution as `train`, never trained on). `heldout_distances`:
+    d_h below, `nearest(heldout, train)[0]`, when the caller has it (one search for many sample
+    sets: at 10,000 held-out and 55,000 training images of 784 pixels it costs ~40 s).
 
     d_s = NN distance of each sample to `train`; d_h = the same for each held-out row.
     threshold = `quantile` quantile of d_h (torch.quantile, linear interpolation).
@@ -77,7 +80,9 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tens
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     d_s, _ = nearest(samples, train, chunk)
-    d_h, _ = nearest(heldout.to(samples.device), train, chunk)
+    d_h = nearest(heldout.to(samples.device), train, chunk)[0] if heldout_distances is None else heldout_distances
+    if len(d_h) != len(heldout):
+        raise ValueError(f"heldout_distances has {len(d_h)} rows, heldout {len(heldout)}")
     threshold = float(torch.quantile(d_h, quantile))
     med_s = float(torch.quantile(d_s, 0.5))
     med_h = float(torch.quantile(d_h, 0.5))

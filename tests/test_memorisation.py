@@ -101,6 +101,18 @@ def test_statistics_match_numpy():
     assert r["median_ratio"] == pytest.approx(np.median(ds) / np.median(dh), rel=1e-12)
 
 
+def test_heldout_distances_given_once_give_the_same_statistics():
+    """The sample stage searches the held-out rows' neighbours once for all its sample sets:
+    given them (the brute-force distances here), the statistics are those it computes itself."""
+    rng, train, heldout, _ = _data(seed=5, d=3)
+    samples = torch.cat([train[:30], torch.tensor(rng.random((170, 3)))])
+    dh = torch.from_numpy(brute_nearest(heldout.numpy(), train.numpy())[0])
+    assert memorisation(samples, train, heldout, heldout_distances=dh) == pytest.approx(
+        memorisation(samples, train, heldout), rel=1e-12)
+    with pytest.raises(ValueError, match="heldout_distances has 3 rows"):
+        memorisation(samples, train, heldout, heldout_distances=dh[:3])
+
+
 def test_mismatched_or_empty_inputs_raise():
     x = torch.rand(10, 4)
     with pytest.raises(ValueError, match="dimension D"):

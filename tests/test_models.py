@@ -123,6 +123,19 @@ def test_baseline_matches_independent_count_model():
     assert 2.3 < expected < 2.5  # reference point: ~2.42 bits/dim (README, "Conventions")
 
 
+def test_baseline_fits_fashion_mnist_sized_data_in_closed_form():
+    """60,000 images of 1x28x28 with 256 levels (Fashion-MNIST's training split): the fitted
+    probabilities are numpy's per-pixel bincounts, smoothed (the first version built a one-hot
+    [N, D, L] of the data: 96 GB here)."""
+    x = np.random.default_rng(0).integers(0, 256, (60_000, 1, 28, 28), dtype=np.uint8)
+    m = models.build("baseline", shape=(1, 28, 28), levels=256)
+    m.init_from_data(torch.from_numpy(x).long())
+    flat = x.reshape(len(x), -1)
+    counts = np.stack([np.bincount(flat[:, d], minlength=256) for d in range(flat.shape[1])]) + 1.0
+    expected = np.log(counts / counts.sum(1, keepdims=True))
+    assert np.allclose(m.log_probs.double().numpy(), expected, atol=1e-6)
+
+
 def test_vae_kl_term_matches_torch_distributions():
     m = models.build("vae", shape=(1, 8, 8), levels=17)
     x = uniform(16, (1, 8, 8), 17)

@@ -11,7 +11,7 @@ import torch
 from .. import data, models, quality
 from ..config import Config
 from ..evaluate import draw_samples
-from ..memorisation import memorisation
+from ..memorisation import memorisation, nearest
 from ..runtime import device_label, versions, write_json
 from .common import (GRIDS, METRICS, PREPARED, RUN_FIELDS, SAMPLE_RECORDS, REFERENCE_CACHE,
                      StageError, code_digest, file_sha1, load_model, setup_torch, split, train_record, unchanged,
@@ -74,6 +74,7 @@ class _Memorisation:
         self.ref = {space: (self.vectors(torch.from_numpy(train.images).long(), space),
                             self.vectors(torch.from_numpy(test.images).long(), space))
                     for space in ("pixel", "features")}
+        self.heldout_nn = {space: nearest(heldout, train)[0] for space, (train, heldout) in self.ref.items()}
 
     def vectors(self, images: torch.Tensor, space: str) -> torch.Tensor:
         if space == "pixel":
@@ -83,7 +84,8 @@ class _Memorisation:
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         out = {}
         for space, (train, heldout) in self.ref.items():
-            stats = memorisation(self.vectors(images.cpu(), space), train, heldout)
+            stats = memorisation(self.vectors(images.cpu(), space), train, heldout,
+                                 heldout_distances=self.heldout_nn[space])
             out.update({f"{space}_{k}": stats[k] for k in MEMORISATION_KEYS})
         return out
 
