@@ -98,7 +98,8 @@ def test_bound_on_uniform_data_is_at_least_log2_levels(name, dataset):
           TrainConfig(images=4 * n, batch_size=64, lr=3e-3), progress=False)
     held_out = uniform(n, shape, levels, seed=1)
     ecfg = EvalConfig(iwae_k=16)
-    ecfg.ode.n_test = 64 if dataset == "digits" else 16  # diffusion models' ODE bound: on a subset
+    ecfg.ode.n_test = 64  # diffusion models' ODE bound: on 64 of the images
+    ecfg.ode.enabled = dataset == "digits"  # at 28x28 its floor is test_ode's oracle case (minutes here)
     ecfg.ode.check_tol = None  # its solver check: test_ode
     for label, kwargs in m.estimators(ecfg):
         n = kwargs.get("max_examples")
