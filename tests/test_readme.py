@@ -7,7 +7,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("marker, summary", [("summary", "results/summary.md"),
-                                             ("reference", "reference/results/summary.md")])
+                                             ("reference", "reference/results/summary.md"),
+                                             ("fashion", "fashion_mnist/results/summary.md")])
 def test_readme_results_tables_are_the_pipelines_summaries(marker, summary):
     readme = (REPO / "README.md").read_text()
     begin, end = f"<!-- {marker}:begin -->\n", f"<!-- {marker}:end -->"
