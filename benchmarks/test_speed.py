@@ -14,7 +14,6 @@ import torch
 
 from diffusion_models import models
 from diffusion_models.config import EvalConfig, SampleConfig, TrainConfig
-from diffusion_models.evaluate import EVALUATE_ONLY
 from diffusion_models.runtime import matmul_flops, retain_freed_memory
 from diffusion_models.train import clip_gradients, make_optimizer, measure_flops
 
@@ -101,7 +100,8 @@ def test_train_step(benchmark, peak, name, precision):
 @pytest.mark.parametrize("name", models.names())
 def test_bound(benchmark, name):
     m = _model(name)
-    label, kwargs = m.estimators(EvalConfig(iwae_k=100))[-1 if m.family != "diffusion" else 0]  # ODE: below
+    est = m.estimators(EvalConfig(iwae_k=100, dequant_k=100))[-1 if m.family != "diffusion" else 0]  # ODE: below
+    label, kwargs = est.label, est.options
     x = torch.randint(0, LEVELS, (64, *SHAPE))
     benchmark.extra_info.update(estimator=label, examples_per_call=64)
     benchmark(lambda: m.nll_bound(x, **kwargs))
@@ -116,7 +116,8 @@ def test_bound_chunk(benchmark, name, chunk):
     `chunk` rows per network pass (`evaluate.chunk`); extra_info: `speedup` over 4096, the
     default before, measured in this run."""
     m = _model(name).eval()
-    label, kwargs = m.estimators(EvalConfig(iwae_k=1000, chunk=chunk))[-1]
+    est = m.estimators(EvalConfig(iwae_k=1000, dequant_k=1000, chunk=chunk))[-1]
+    label, kwargs = est.label, est.options
     x = torch.randint(0, LEVELS, (64, *SHAPE))
     benchmark.extra_info.update(estimator=label, examples_per_call=64, chunk=chunk)
     with torch.no_grad():
@@ -162,7 +163,7 @@ def test_network_evaluation(benchmark, name):
     t = m.solver_times(10, "trailing")[3]
     benchmark.extra_info["samples_per_call"] = SAMPLE_BATCH
     with torch.no_grad():
-        benchmark(lambda: m.predict(x, t))
+        benchmark(lambda: m.denoise(x, t))
 
 
 @pytest.mark.parametrize("name, sampler", [(n, s) for n in models.names() for s in models.get(n).samplers
@@ -235,9 +236,9 @@ def test_ode_bound_batch(benchmark, name, batch):
     ecfg = EvalConfig()
     ecfg.ode.batch_size, ecfg.ode.check_tol = batch, None  # the bound alone (the check: one run's extra)
     m, x = _trained(name, ecfg.ode.n_test)
-    label, kwargs = m.estimators(ecfg)[-1]
+    est = m.estimators(ecfg)[-1]
+    label, kwargs = est.label, est.options
     n = len(x)
-    kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}
     nfe, bound = [], []
 
     def solve():
@@ -280,8 +281,8 @@ def test_ode_bound(benchmark, name):
     m = _eval_model(name)
     ecfg = EvalConfig()
     ecfg.ode.check_tol = None  # the bound alone (the solver check runs on one run of the pipeline)
-    label, kwargs = m.estimators(ecfg)[-1]
-    kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}  # evaluate_bounds', not nll_terms'
+    est = m.estimators(ecfg)[-1]
+    label, kwargs = est.label, est.options  # (est.max_examples, est.batch_size: evaluate_bounds')
     x = torch.randint(0, LEVELS, (ODE_BATCH, *SHAPE))
     nfe = []
     benchmark.extra_info.update(estimator=label, examples_per_call=ODE_BATCH)

@@ -10,7 +10,6 @@ and a distribution's recompressed copy both pass).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import pickle
 import tarfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import file_digest
+from .runtime import digest, file_digest
 
 
 class DataError(RuntimeError):
@@ -220,7 +219,7 @@ def verified_content(root: Path, name: str, fname: str, check: bool = True) -> b
     path = locate(root, name, fname)
     raw = _read_bytes(path)
     want = spec(name).contents[fname]
-    if check and (got := hashlib.sha256(raw).hexdigest()) != want:
+    if check and (got := digest(raw, algorithm="sha256")) != want:
         raise DataError(f"corrupt data file: {path}: its decompressed content has SHA-256 {got}, "
                         f"expected {want} (the official {fname})")
     return raw

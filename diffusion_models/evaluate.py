@@ -5,6 +5,7 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,31 +24,33 @@ def summarize(values: torch.Tensor, dims: int) -> dict[str, float]:
     return {"nats": mean, "nats_se": se, "bpd": bits_per_dim(mean, dims), "bpd_se": bits_per_dim(se, dims)}
 
 
-EVALUATE_ONLY = ("max_examples", "batch_size")  # estimator kwargs for evaluate_bounds, not nll_terms
 MAX_NONFINITE = 0.001  # draw_samples fails when more than this fraction of the samples failed
 
 
 @torch.no_grad()
-def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks: list[int] | None = None,
+def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig | Sequence[EvalConfig],
                     per_example: bool = False) -> dict[str, dict[str, Any]]:
-    """For each estimator of `model`: bound and its terms, mean +- SE over the test examples.
+    """For each estimator of `model` (`Model.estimators`): bound and its terms, mean +- SE over
+    the test examples.
 
-    images: integer [N,C,H,W] on the model's device. `iwae_ks`: the estimators of each of
-    these IWAE sample counts (default: cfg.iwae_k); one the models share is computed once.
-    Returns {estimator label: summary}; a summary has `profile` (bits/dim of each stratum of
-    time: where a diffusion bound's bits come from) where the model gives one, `nfe` (network
-    evaluations per example, the mean over batches) for an adaptive ODE bound, `solver_check`
-    where the estimator solves its first images again at tighter tolerances, and with
-    `per_example` the bound of every example (bits/dim), for paired comparisons.
+    images: integer [N,C,H,W] on the model's device. `cfg`: one eval config, or several (e.g.
+    the frontier's `for_sweep()` and the selected checkpoint's): the estimators of each, one
+    they share computed once; the batch size and seed are the first's.
+    Returns {estimator label: summary}; a summary has the estimator's `kind`, `profile` (bits/dim
+    of each stratum of time: where a diffusion bound's bits come from) where the model gives one,
+    `nfe` (network evaluations per example, the mean over batches) for an adaptive ODE bound,
+    `solver_check` where the estimator solves its first images again at tighter tolerances, and
+    with `per_example` the bound of every example (bits/dim), for paired comparisons.
     """
     model.eval()
-    estimators = {label: kw for k in (iwae_ks or [cfg.iwae_k])
-                  for label, kw in model.estimators(dataclasses.replace(cfg, iwae_k=k))}
+    cfgs = [cfg] if isinstance(cfg, EvalConfig) else list(cfg)
+    cfg = cfgs[0]
+    estimators = {e.label: e for c in cfgs for e in model.estimators(c)}
     out: dict[str, dict[str, Any]] = {}
-    for label, kwargs in estimators.items():
-        kwargs = dict(kwargs)
-        xs = images[: kwargs.pop("max_examples", None)]  # an estimator may score a fixed subset,
-        batch = kwargs.pop("batch_size", cfg.batch_size)  # in batches of its own (EVALUATE_ONLY)
+    for label, est in estimators.items():
+        kwargs = est.options
+        xs = images[: est.max_examples]  # an estimator may score a fixed subset,
+        batch = est.batch_size or cfg.batch_size  # in batches of its own
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = {}
@@ -68,7 +71,7 @@ def evaluate_bounds(model: Model, images: torch.Tensor, cfg: EvalConfig, iwae_ks
         if not torch.isfinite(total).all():
             raise FloatingPointError(f"{model.name}: non-finite {label} bound on the test split")
         out[label] = {
-            **summarize(total, model.dims),
+            "kind": est.kind, **summarize(total, model.dims),
             "terms_bpd": {k: bits_per_dim(v.mean().item(), model.dims) for k, v in terms.items()},
             "n_examples": len(total),
             "seconds": time.perf_counter() - start - check_seconds,  # the estimator's own time

@@ -251,9 +251,11 @@ class ProbabilityFlow:
     `ode_eps`): the ODE bound as an estimator (`ode_estimator`, `ode_terms`) and the ODE
     sampler (`ode_sample`, which the model's `sample` decodes like its other samplers' output)."""
 
-    def ode_estimator(self, ocfg) -> tuple[str, dict]:
-        """(label, nll_terms kwargs) of the ODE bound under `ocfg` (config.ODEEvalConfig); with
-        `ocfg.check_tol`, the solver check on its first `check_n` images (`dequantized_nll`)."""
+    def ode_estimator(self, ocfg):
+        """The ODE bound under `ocfg` (config.ODEEvalConfig) as a `models.base.Estimator`: on the
+        first `n_test` test images, in solves of `batch_size`; with `ocfg.check_tol`, the solver
+        check on its first `check_n` images (`dequantized_nll`)."""
+        from .models.base import Estimator  # models import this module
         div = resolve_divergence(ocfg.divergence, self.dims, ocfg.k)
         check_k_and_divergence(ocfg.k, div)
         settings = ODESettings(ocfg.method, ocfg.rtol, ocfg.atol)
@@ -263,9 +265,9 @@ class ProbabilityFlow:
                  f"K={ocfg.k}{subset})")
         check = {} if ocfg.check_tol is None or ocfg.k != 1 else {
             "check": ODESettings(ocfg.method, ocfg.check_tol, ocfg.check_tol), "check_n": ocfg.check_n}
-        return label, {"ode": {"settings": settings, "divergence_estimator": div, "probes": ocfg.probes,
-                               "dequantization": ocfg.dequantization, "k": ocfg.k, **check},
-                       "max_examples": ocfg.n_test, "batch_size": ocfg.batch_size}
+        options = {"ode": {"settings": settings, "divergence_estimator": div, "probes": ocfg.probes,
+                           "dequantization": ocfg.dequantization, "k": ocfg.k, **check}}
+        return Estimator("ode", label, options, max_examples=ocfg.n_test, batch_size=ocfg.batch_size)
 
     def ode_terms(self, x: torch.Tensor, settings: ODESettings, **kw) -> tuple[dict[str, torch.Tensor], dict]:
         """The ODE bound's terms (nats [B]) and {'nfe': function evaluations per example, and
@@ -281,9 +283,7 @@ class ProbabilityFlow:
     def check_ode_options(self, sampler: str, steps: int | None, eta: float, rtol: float | None,
                           atol: float | None) -> None:
         name = getattr(self, "name", "") or type(self).__name__
-        if sampler == "ode":
-            if steps is not None:
-                raise ValueError(f"{name}: the ODE sampler is adaptive: it takes rtol/atol, not steps (got steps={steps})")
+        if sampler == "ode":  # (its steps: `Model.check_sampler`, an ADAPTIVE sampler takes none)
             if eta != 0:
                 raise ValueError(f"{name}: the ODE sampler is deterministic: it takes no eta (got eta={eta})")
             for key, tol in (("rtol", rtol), ("atol", atol)):

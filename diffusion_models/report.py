@@ -25,7 +25,8 @@ INCEPTION = "inception-v3-compat"
 def train_runs(trains: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per training run checkpoint (model, seed, fraction of the cap): its compute, its
     validation bound, whether it is the run's selected checkpoint and where the run stopped."""
-    rows = [{"model": t["model"], "family": t["family"], "params": t["params"], "dataset": t["dataset"],
+    rows = [{"model": t["model"], "family": t["family"], "trains": t["trains"], "params": t["params"],
+             "dataset": t["dataset"],
              "device": t["device"], **{k: r[k] for k in ("seed", "fraction", "images_seen", "steps",
                                                          "train_flops", "train_seconds", "images_per_sec",
                                                          "final_loss", "val_bpd", "selected", "last")}}
@@ -199,7 +200,7 @@ def views_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for ev in evals:
         for run in ev["runs"]:
-            ode = [label for label in run["bounds"] if label.startswith("ODE")]
+            ode = [label for label, b in run["bounds"].items() if b["kind"] == "ode"]
             if not run["selected"] or not ode:
                 continue
             o = run["bounds"][ode[0]]
@@ -334,11 +335,11 @@ class UnmatchedError(ValueError):
 
 def matching(runs: list[dict[str, Any]], budget: int) -> dict[str, str]:
     """Per model: '' when matched, else why not, from the last checkpoint of each of its training
-    runs (model, seed, params, fraction, images_seen, train_flops). Closed-form models (no
-    training) are exempt. Every trained run must have trained to the cap `budget` or stopped
+    runs (model, trains, seed, params, fraction, images_seen). Closed-form models (`trains`
+    false: `Model.trains`) are exempt. Every trained run must have trained to the cap `budget` or stopped
     early on its validation bound (its last checkpoint before the grid's end, fraction < 1), and
     each model's parameter count must be within +-10% of the trained models' median."""
-    trained = [r for r in runs if r["images_seen"] > 0 or r["train_flops"] > 0]
+    trained = [r for r in runs if r["trains"]]
     median = float(pd.Series({r["model"]: r["params"] for r in trained}).median()) if trained else 0.0
     why: dict[str, list[str]] = {r["model"]: [] for r in runs}
     for r in trained:
@@ -358,7 +359,7 @@ def check_matched(runs: list[dict[str, Any]], budget: int, allow_unmatched: bool
         raise UnmatchedError("refusing to present these runs as matched: "
                              + "; ".join(f"{m} ({w})" for m, w in bad.items())
                              + " (set compare.allow_unmatched: true to write the tables with a warning column)")
-    trained = {r["model"] for r in runs if r["images_seen"] > 0 or r["train_flops"] > 0}
+    trained = {r["model"] for r in runs if r["trains"]}
     return {m: ("no: " + w if w else "yes" if m in trained else "closed form") for m, w in why.items()}
 
 

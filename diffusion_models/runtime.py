@@ -39,11 +39,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def digest(*parts: bytes, algorithm: str = "sha1") -> str:
+    """Hex digest of byte strings, in turn: every content hash of the suite (files, sources,
+    arrays) is this one. SHA-1 in the records, SHA-256 for shipped weights and pinned data
+    files, MD5 for data.dvc's pins."""
+    h = hashlib.new(algorithm)
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
 def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
-    """Hex digest of a file's bytes: SHA-1 in the records, SHA-256 for shipped weights, MD5 for
-    data.dvc's pins."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
+    """`digest` of a file's bytes."""
+    return digest(Path(path).read_bytes(), algorithm=algorithm)
 
 
 @functools.cache
@@ -51,13 +59,10 @@ def source_digest(files: tuple[str, ...]) -> str:
     """SHA-1 of the named source files of this package (paths relative to it): what a kept
     checkpoint or a stage's record must have been made by."""
     root = Path(__file__).resolve().parent
-    h = hashlib.sha1()
-    for name in sorted(files):
-        f = root / name
-        if not f.is_file():
-            raise FileNotFoundError(f"source digest: no file {f}")
-        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
+    missing = [root / name for name in files if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"source digest: no file {missing[0]}")
+    return digest(*(name.encode() + b"\0" + (root / name).read_bytes() + b"\0" for name in sorted(files)))
 
 
 @functools.cache

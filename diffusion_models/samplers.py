@@ -3,7 +3,7 @@
 They see a model only through its `SolverView` (one interface, many families):
     solver_times(steps, spacing) -> [steps + 1] decreasing times; the last is the data end
     alpha_sigma(times)    -> alpha [K], sigma [K]   (x_t = alpha_t x_0 + sigma_t eps)
-    predict(x, time)      -> (x0_hat, eps_hat)      one network evaluation at one (0-dim) time
+    denoise(x, t)         -> (x0_hat, eps_hat, v)   one network evaluation at one (0-dim) time
 The result is the continuous state at the last time; the model turns it into integers.
 
 DDIM: Song, Meng & Ermon 2021 (eq. 12; eq. 16's sigma_t(eta), eta in [0, 1] interpolating
@@ -14,7 +14,7 @@ a first-order final step (as diffusers does for few steps).
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,7 +25,7 @@ SPACINGS = ("trailing", "leading")
 class SolverView(Protocol):
     def solver_times(self, steps: int, spacing: str) -> torch.Tensor: ...
     def alpha_sigma(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def predict(self, x: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # time: 0-dim
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> Any: ...  # t: 0-dim; .x0, .eps (models.family.Denoised)
 
 
 def ddim_sigma(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, eta: float) -> float:
@@ -67,7 +67,7 @@ def solve(view: SolverView, x: torch.Tensor, solver: str, steps: int, *, eta: fl
     alpha, sigma = (v.double().tolist() for v in view.alpha_sigma(times))  # python floats: no per-step syncs
     x0_prev, h_prev = None, 0.0
     for i in range(steps):
-        x0, eps = view.predict(x, times[i])
+        x0, eps, _ = view.denoise(x, times[i])
         a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         if solver == "ddim":
             # eq. 12: x_s = a_s x0 + sqrt(s_s^2 - sig^2) eps + sig z; sig <= s_s as eta <= 1

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -14,7 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .config import TrainConfig
 from .models.base import Model
-from .runtime import Progress, atomic_path, device_label
+from .runtime import Progress, atomic_path, device_label, digest
 
 
 class TrainingError(RuntimeError):
@@ -58,8 +57,8 @@ def run_key(model: Model, images: torch.Tensor, cfg: TrainConfig, code: str, pro
     (device with thread count, data-parallel processes), which its timings and rounding
     depend on."""
     train = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
-    digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
-    return {"model": model.name, "config": asdict(model.cfg), "train": train, "data_sha1": digest,
+    return {"model": model.name, "config": asdict(model.cfg), "train": train,
+            "data_sha1": digest(images.cpu().numpy().tobytes()),
             "code_sha1": code, "torch": str(torch.__version__),
             "device": device_label(images.device), "processes": processes}
 
@@ -72,10 +71,11 @@ def _rng_states(gen: torch.Generator) -> dict[str, Any]:
 
 
 def _set_rng_states(gen: torch.Generator, states: dict[str, Any]) -> None:
-    gen.set_state(states["gen"])
-    torch.set_rng_state(states["cpu"])
+    # RNG states are CPU ByteTensors, whatever device the resume state was loaded onto
+    gen.set_state(states["gen"].cpu())
+    torch.set_rng_state(states["cpu"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 class _Loss(torch.nn.Module):
@@ -113,7 +113,7 @@ def batch_sizes(images: int, batch_size: int) -> list[int]:
 def measure_flops(model: Model, x: torch.Tensor) -> float:
     """FLOPs of one training step (loss forward + backward) on batch x, per image; measured on
     a copy of the model with the RNG states restored, so it changes nothing of the run."""
-    if not any(p.requires_grad for p in model.parameters()):
+    if not model.trains:
         return 0.0
     from torch.utils.flop_counter import FlopCounterMode  # here: it imports Triton where installed (0.2 s)
 
@@ -193,7 +193,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     bits/dim; run with the RNG states restored, so it changes nothing of the run) every
     `cfg.val_every` steps and at the end. `progress`: a tqdm bar, or when False and standard
     error is no terminal, a line every few seconds (runtime.Progress).
-    Models without trainable parameters are only fitted by `init_from_data`. With `resume`,
+    A model that declares it does not train (`Model.trains`) is only fitted by `init_from_data`. With `resume`,
     the full training state (weights, optimizer, EMA, data order, RNG states, counters) is
     saved atomically every `resume.every` steps, and a run that finds a state of the same
     model, config and data continues from it, ending bit-identical to an uninterrupted run.
@@ -211,7 +211,7 @@ def train(model: Model, images: torch.Tensor, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed + rank)             # model noise: a different stream per rank
     model.init_from_data(images)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:  # fitted in closed form: log its training loss once, as step 0
+    if not model.trains:  # fitted in closed form: log its training loss once, as step 0
         loss = float(model.loss(images).item())
         if log is not None:
             log(0, 0, {"train/loss": loss, **({"val/bpd": _validate(model, validate)} if validate else {})})

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_models.models.base import Model
+from diffusion_models.models.base import Estimator, Model
 
 
 class MixtureOfProducts(Model):
     family = "mixture"
+    precision_applies = False  # no network runs while sampling
 
     @dataclass
     class Config:
@@ -53,10 +54,10 @@ class MixtureOfProducts(Model):
         return {"nll": -self.log_prob(x)}
 
     def estimators(self, ecfg):
-        return [("exact", {})]
+        return [Estimator("exact", "exact")]
 
     def headline_estimator(self, ecfg):
-        return "exact"
+        return self.estimators(ecfg)[0]
 
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "component, then pixels"

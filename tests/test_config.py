@@ -15,6 +15,37 @@ def test_repo_params_load():
     assert set(cfg.models) >= {"baseline", "vae"}
 
 
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_the_defaults_in_code_are_what_the_default_run_uses():
+    """params.yaml resolves to `Config()` (its models aside; train.seeds: the dataset default),
+    and each setting it writes is one dvc.yaml tracks by name, at its default: no hidden override."""
+    import dataclasses
+
+    import yaml
+
+    from diffusion_models import data
+
+    cfg, default = load_params(REPO / "params.yaml"), Config()
+    assert cfg.train.seeds == data.spec(cfg.data.name).seeds
+    for section in ("data", "train", "evaluate", "features", "sample", "compare"):
+        got = dataclasses.asdict(getattr(cfg, section))
+        want = dataclasses.asdict(getattr(default, section))
+        if section == "train":
+            got["seeds"] = want["seeds"]
+        assert got == want, section
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    dvc = (REPO / "dvc.yaml").read_text()
+    for key, _ in _leaves({k: v for k, v in raw.items() if k != "models"}):
+        assert f"- {key}\n" in dvc, f"params.yaml sets {key}, which no stage tracks by name: put it in config.py"
+
+
 def test_defaults_fill_missing_keys():
     cfg = parse({"train": {"images": 1000}})
     assert cfg.train.images == 1000

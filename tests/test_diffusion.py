@@ -14,10 +14,10 @@ SHAPE = (1, 2, 2)  # D = 4
 def optimal_eps(m, mu, s):
     """E[eps | x_t] for x_0 ~ N(mu, s^2): x_t = sqrt(ab) x_0 + sqrt(1-ab) eps is jointly Gaussian,
     Cov(eps, x_t) = sqrt(1-ab), Var(x_t) = ab s^2 + 1 - ab."""
-    def denoise(x_t, t):
-        ab = m.alpha_bar.double()[t].view(-1, 1, 1, 1)
+    def output(x_t, ab, t):  # the model's `output` (its eps prediction) at alpha_bar ab
+        ab = ab.double()
         return (torch.sqrt(1 - ab) * (x_t.double() - ab.sqrt() * mu) / (ab * s**2 + 1 - ab)).float()
-    return denoise
+    return output
 
 
 def gaussian_gap(T, n=2000, mu=0.3, s=0.5, seed=0):
@@ -26,7 +26,7 @@ def gaussian_gap(T, n=2000, mu=0.3, s=0.5, seed=0):
     # continuous, unbounded data: no clipping, and sigma_t^2 = beta_t (the true reverse variance
     # of continuous data as T grows; beta~_t at t = 1 would be a too-narrow continuous decoder)
     m = models.build("ddpm", shape=SHAPE, levels=256, T=T, clip_x0=False, variance="large")
-    m.denoise = optimal_eps(m, mu, s)
+    m.output = optimal_eps(m, mu, s)
     x0 = mu + s * torch.randn(n, *SHAPE)
     with torch.no_grad():
         terms = m._vlb_terms(x0, None, t_samples=0, chunk=1 << 16)[0]
@@ -49,7 +49,7 @@ def _random_eps_net(m):
     torch.manual_seed(123)
     for p in m.net.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    return m.denoise
+    return m.output
 
 
 @pytest.mark.parametrize("target", ["ddpm_x0", "ddpm_score"])
@@ -59,14 +59,13 @@ def test_parameterisations_give_the_same_vlb(target):
     f = _random_eps_net(eps_model)
     other = models.build(target, shape=(1, 8, 8), levels=17, T=50, clip_x0=False)
 
-    def converted(x_t, t):
-        ab = other.alpha_bar[t].view(-1, 1, 1, 1)
-        eps = f(x_t, t)
+    def converted(x_t, ab, t):
+        eps = f(x_t, ab, t)
         if target == "ddpm_x0":
             return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
         return -eps / (1 - ab).sqrt()
 
-    other.denoise = converted
+    other.output = converted
     x = torch.randint(0, 17, (16, 1, 8, 8))
     torch.manual_seed(7)
     a = eps_model.nll_terms(x, t_samples=0)
@@ -192,7 +191,7 @@ def test_iddpm_variance_is_learned_between_beta_tilde_and_beta():
     x_t, t = torch.randn(4, 1, 8, 8), torch.tensor([2, 10, 50, 100])
     for v in (-1.0, 1.0):
         out = torch.cat([torch.zeros(4, 1, 8, 8), torch.full((4, 1, 8, 8), v)], 1)
-        _, logvar = m.mean_logvar(out, x_t, t)
+        _, logvar = m.mean_logvar(m.denoised(out, x_t, m._bcast(m.alpha_bar, t)), x_t, t)
         ref = m.log_post_var if v < 0 else m.log_beta
         assert torch.allclose(logvar[:, 0, 0, 0], ref[t])
     assert m.cfg.schedule == "cosine" and m.cfg.hybrid_lambda == 0.001
@@ -221,7 +220,7 @@ def test_matching_weights_equal_the_vlb_kl(name):
         x_t = m.q_sample(x0, t, eps)
         ab = m.alpha_bar[t].view(-1, 1, 1, 1)
         exact = x0 if name == "ddpm_x0" else -eps / (1 - ab).sqrt()
-        mean, logvar = m.mean_logvar(exact + delta, x_t, t)
+        mean, logvar = m.mean_logvar(m.denoised(exact + delta, x_t, ab), x_t, t)
         kl = m.step_term(x0, x_t, t, mean, logvar)
         assert torch.allclose(kl, lam[step] * delta**2 * 64 * torch.ones(3, dtype=torch.double),
                               rtol=1e-6), (step, kl, lam[step] * delta**2 * 64)
@@ -230,7 +229,8 @@ def test_matching_weights_equal_the_vlb_kl(name):
     t = torch.ones(3, dtype=torch.long)
     x_t = m.q_sample(x0, t, eps)
     exact = x0 if name == "ddpm_x0" else -eps / (1 - m.alpha_bar[1]).sqrt()
-    nll = [m.step_term(x0, x_t, t, *m.mean_logvar(exact + d, x_t, t)) for d in (delta, 0.0)]
+    ab = m._bcast(m.alpha_bar, t)
+    nll = [m.step_term(x0, x_t, t, *m.mean_logvar(m.denoised(exact + d, x_t, ab), x_t, t)) for d in (delta, 0.0)]
     assert torch.allclose(nll[0] - nll[1], lam[1] * delta**2 * 64 * torch.ones(3, dtype=torch.double), rtol=1e-6)
     # every time the bound and the samplers use is trained, t = 1 (L_0, the last step) too
     assert m.t_probs[0] == 0 and m.t_probs[1] > 0 and (m.t_probs[1:] > 0).all()
@@ -250,7 +250,7 @@ def test_x0_preconditioning_skip_is_the_wiener_denoiser():
     for p in x0_model.net.parameters():
         torch.nn.init.zeros_(p)
     ref = models.build("ddpm", shape=SHAPE, levels=256, T=100, clip_x0=False, variance="large")
-    ref.denoise = optimal_eps(ref, 0.0, sd)
+    ref.output = optimal_eps(ref, 0.0, sd)
     x0 = sd * torch.randn(256, *SHAPE)
     with torch.no_grad():
         torch.manual_seed(3)

@@ -10,6 +10,7 @@ import diffusion_models.models.flow as flow_mod  # noqa: F401  (registers "flow"
 from diffusion_models import data, models
 from diffusion_models import likelihood as lk
 from diffusion_models.config import EvalConfig, TrainConfig
+from diffusion_models.models.base import Estimator
 from diffusion_models.train import train
 from helpers import digits_train, uniform
 
@@ -156,9 +157,10 @@ def test_terms_estimators_and_errors():
     torch.manual_seed(5)
     small = m.nll_bound(x, k=8, chunk=6)  # one sample per pass
     assert torch.allclose(big, small, atol=1e-4)
-    assert m.estimators(EvalConfig(iwae_k=1000, chunk=512)) == [
-        ("dequantized (uniform, K=1)", {"k": 1}), ("dequantized (uniform, K=1000)", {"k": 1000, "chunk": 512})]
-    assert m.estimators(EvalConfig(iwae_k=1)) == [("dequantized (uniform, K=1)", {"k": 1})]
+    assert m.estimators(EvalConfig(dequant_k=1000, iwae_k=7, chunk=512)) == [  # its own K, not IWAE's
+        Estimator("dequantized", "dequantized (uniform, K=1)", {"k": 1}),
+        Estimator("dequantized", "dequantized (uniform, K=1000)", {"k": 1000, "chunk": 512})]
+    assert m.estimators(EvalConfig(dequant_k=1)) == [Estimator("dequantized", "dequantized (uniform, K=1)", {"k": 1})]
     with pytest.raises(ValueError, match="K must be >= 1"):
         m.nll_terms(x, k=0)
     with pytest.raises(ValueError, match="bogus"):

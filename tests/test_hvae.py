@@ -78,8 +78,8 @@ def test_rejects_bad_input_and_options():
         m.nll_bound(uniform(2, (1, 8, 8), 17), bogus=1)
     with pytest.raises(ValueError, match="steps"):
         m.sample(2, steps=10)
-    assert [label for label, _ in m.estimators(EvalConfig(iwae_k=7))] == ["ELBO", "IWAE-7"]
-    assert [label for label, _ in m.estimators(EvalConfig(iwae_k=1))] == ["ELBO"]
+    assert [e.label for e in m.estimators(EvalConfig(iwae_k=7))] == ["ELBO", "IWAE-7"]
+    assert [e.label for e in m.estimators(EvalConfig(iwae_k=1))] == ["ELBO"]
 
 
 # Bounds on uniform data and IWAE monotonicity in K: registry-wide in tests/test_models.py.

@@ -8,7 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from diffusion_models import data, models
 from diffusion_models.config import EvalConfig, TrainConfig
-from diffusion_models.evaluate import EVALUATE_ONLY
+from diffusion_models.models.base import STEPS
 from diffusion_models.likelihood import bits_per_dim, discretized_logistic_log_prob
 from diffusion_models.train import train
 from helpers import SHAPES, digits_train, uniform
@@ -50,8 +50,8 @@ def test_interface(name, dataset, tmp_path):
     ecfg = EvalConfig(iwae_k=3)
     ecfg.ode.check_tol = None  # the solver check (1e-5) is checked in test_ode, and costs minutes at 32x32
     ecfg.ode.rtol = ecfg.ode.atol = 1e-2  # the diffusion models' ODE bound: loose, untrained nets
-    for label, kwargs in m.estimators(ecfg):
-        kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}  # evaluate's, not nll_terms'
+    for est in m.estimators(ecfg):
+        label, kwargs = est.label, est.options
         torch.manual_seed(1)
         b = m.nll_bound(x, **kwargs)
         assert b.shape == (4,) and torch.isfinite(b).all() and (b > 0).all(), label
@@ -60,7 +60,7 @@ def test_interface(name, dataset, tmp_path):
         assert torch.allclose(sum(m.nll_terms(x, **kwargs).values()), b)
         assert all(t.shape == (4,) for t in terms.values())
     # ancestral sampling at the model's default; continuous-time models: 10 steps, not 1000
-    few = {} if hasattr(m.cfg, "T") or m.samplers == ("ancestral",) else {"steps": 10}
+    few = {} if hasattr(m.cfg, "T") or m.samplers["ancestral"] != STEPS else {"steps": 10}
     s = m.sample(3, generator=torch.Generator().manual_seed(0), **few)
     assert s.shape == (3, *shape) and not s.dtype.is_floating_point
     assert s.min() >= 0 and s.max() <= levels - 1
@@ -68,7 +68,7 @@ def test_interface(name, dataset, tmp_path):
     models.save(m, tmp_path / "m.pt")
     m2, state = models.load(tmp_path / "m.pt")
     assert state["name"] == name and m2.shape == shape
-    label, kwargs = m.estimators(EvalConfig(iwae_k=3))[0]
+    kwargs = m.estimators(EvalConfig(iwae_k=3))[0].options
     torch.manual_seed(2)
     b1 = m.nll_bound(x, **kwargs)
     torch.manual_seed(2)
@@ -101,9 +101,8 @@ def test_bound_on_uniform_data_is_at_least_log2_levels(name, dataset):
     ecfg.ode.n_test = 64  # diffusion models' ODE bound: on 64 of the images
     ecfg.ode.enabled = dataset == "digits"  # at 28x28 its floor is test_ode's oracle case (minutes here)
     ecfg.ode.check_tol = None  # its solver check: test_ode
-    for label, kwargs in m.estimators(ecfg):
-        n = kwargs.get("max_examples")
-        kwargs = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}
+    for est in m.estimators(ecfg):
+        label, n, kwargs = est.label, est.max_examples, est.options
         b = m.nll_bound(held_out[:n], **kwargs).double()
         bpd = bits_per_dim(b.mean().item(), m.dims)
         se = bits_per_dim(b.std().item() / math.sqrt(len(b)), m.dims)

@@ -227,7 +227,7 @@ def test_ode_bound_is_solved_in_its_own_batches():
     the bound through evaluate_bounds equals the model's terms solved directly on those
     batches (4 + 2 of the 6 images), and differs from one solve of all 6 (the probes and
     dequantization draws fall differently), which shows the check can fail."""
-    from diffusion_models.evaluate import EVALUATE_ONLY, evaluate_bounds
+    from diffusion_models.evaluate import evaluate_bounds
 
     m = models.build("ddpm", shape=(1, 8, 8), levels=LEVELS)
     x = torch.randint(0, LEVELS, (8, 1, 8, 8), generator=torch.Generator().manual_seed(1))
@@ -236,10 +236,11 @@ def test_ode_bound_is_solved_in_its_own_batches():
         ecfg = config.EvalConfig(t_samples=4, batch_size=8)
         ecfg.ode.rtol = ecfg.ode.atol = 1e-2
         ecfg.ode.n_test, ecfg.ode.batch_size, ecfg.ode.check_tol = 6, batch, None
-        label, kwargs = m.estimators(ecfg)[-1]
-        assert label.startswith("ODE") and kwargs["batch_size"] == batch
+        est = m.estimators(ecfg)[-1]
+        label = est.label
+        assert est.kind == "ode" and est.batch_size == batch and est.max_examples == 6
         per_batch[batch] = evaluate_bounds(m, x, ecfg, per_example=True)[label]["per_example_bpd"]
-    kw = {k: v for k, v in kwargs.items() if k not in EVALUATE_ONLY}
+    kw = est.options
     torch.manual_seed(ecfg.seed)
     direct = torch.cat([torch.stack(list(m.nll_terms(x[i:j], **kw).values())).double().sum(0)
                         for i, j in ((0, 4), (4, 6))]) / (m.dims * math.log(2))
@@ -280,11 +281,12 @@ def test_continuous_schedule_interpolates_the_discrete_one(name):
         for ti in (1, 250, 900, 1000):
             lam = m.logsnr(torch.tensor(float(ti))).float()
             tt = torch.tensor(ti)
-            x0, want = m.predict(x, tt)
+            want = m.denoise(x, tt).eps
             # float32: at t = 1, 1 - alpha_bar ~ 4e-5 (iddpm) amplifies rounding to ~1e-3 relative
             assert torch.allclose(m.ode_eps(x, lam), want, rtol=2e-3, atol=1e-3), ti
-            ab = m._bcast(m.alpha_bar, tt.expand(2))
-            clipped += int((m.x0_from_output(m.denoise(x, tt.expand(2))[:, :1], x, ab).abs() > 1).sum())
+            m.cfg.clip_x0 = False  # the estimates before the clamp
+            clipped += int((m.denoise(x, tt).x0.abs() > 1).sum())
+            m.cfg.clip_x0 = True
     assert clipped > 0
 
 
@@ -333,8 +335,8 @@ def test_k_sample_bound_with_hutchinson_is_biased_low_so_it_is_refused():
     with pytest.raises(config.ConfigError, match="evaluate.ode.k = 16 needs evaluate.ode.divergence exact"):
         config.parse({"evaluate": {"ode": {"k": 16, "divergence": "hutchinson"}}})
     ocfg = config.parse({"evaluate": {"ode": {"k": 16, "divergence": "auto"}}}).evaluate.ode
-    label, kw = models.build("ddpm", shape=(1, 28, 28), levels=256).ode_estimator(ocfg)
-    assert kw["ode"]["divergence_estimator"] == "exact" and "exact divergence" in label
+    est = models.build("ddpm", shape=(1, 28, 28), levels=256).ode_estimator(ocfg)
+    assert est.options["ode"]["divergence_estimator"] == "exact" and "exact divergence" in est.label
 
 
 def test_solver_check_is_the_same_draws_solved_at_tighter_tolerances():

@@ -9,7 +9,7 @@ from torch import nn
 from diffusion_models import models
 from diffusion_models import likelihood as lk
 from diffusion_models.evaluate import draw_samples
-from diffusion_models.models.base import Model
+from diffusion_models.models.base import ONE_SHOT, Model
 from diffusion_models.models.diffusion import make_betas
 from diffusion_models.samplers import ddim_sigma, solve
 from helpers import one_thread  # noqa: F401  (autouse: this module runs on one thread)
@@ -33,10 +33,10 @@ def gaussian_model(name, **overrides):
             return optimal_eps(z.double(), torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()).float()
         m.eps_hat = eps_hat
     else:
-        def denoise(x_t, t):
-            ab = m.alpha_bar.double()[t].view(-1, 1, 1, 1)
+        def output(x_t, ab, t):  # the model's `output` (its eps prediction) at alpha_bar ab
+            ab = ab.double()
             return optimal_eps(x_t.double(), ab.sqrt(), (1 - ab).sqrt()).float()
-        m.denoise = denoise
+        m.output = output
     return m
 
 
@@ -233,7 +233,8 @@ def test_respaced_variance_and_mean_are_those_of_the_respaced_betas(name, varian
         beta = 1 - ab[t] / ab[s]
         post.append(beta * (1 - ab[s]) / (1 - ab[t]) if s > 0 else post[-1])
         want = {"post": post[-1], "beta": beta, "mid": math.sqrt(post[-1] * beta)}[expect]
-        mean, logvar = m.respaced_mean_logvar(out, x, sch, i)
+        d = m.denoised(out, x, m.alpha_bar[sch["t"][i]].view(1, 1, 1, 1))
+        mean, logvar = m.respaced_mean_logvar(d, x, sch, i)
         assert torch.allclose(logvar.exp().double(), torch.full(x.shape, float(want), dtype=torch.float64),
                               rtol=1e-4), (i, t, s)
         x0 = ((x.double() - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
@@ -245,8 +246,8 @@ def test_respaced_variance_and_mean_are_those_of_the_respaced_betas(name, varian
                                             ("leading", [36, 31, 26, 21, 16, 11, 6, 1])])
 def test_respaced_ancestral_calls_the_network_at_the_original_integer_times(spacing, times):
     m = models.build("iddpm", shape=(1, 4, 4), levels=17, T=40)
-    seen, denoise = [], m.denoise
-    m.denoise = lambda x, t: (seen.append(t.tolist()), denoise(x, t))[1]
+    seen, output = [], m.output  # the network's time input, per call (its times: float)
+    m.output = lambda x, ab, t: (seen.append(t.tolist()), output(x, ab, t))[1]
     m.sample(2, steps=8, spacing=spacing)
     assert seen == [[t, t] for t in times]
 
@@ -273,7 +274,7 @@ def sampler_settings(name):
     discrete = "T" in cls.Config.__dataclass_fields__  # T=40 below; vdm: 1000 steps by default
     settings = []
     for sampler in cls.samplers:
-        if cls.samplers == ("ancestral",):
+        if cls.samplers[sampler] == ONE_SHOT:
             settings.append({})
         elif sampler == "ancestral":
             settings += [{}, {"steps": 1}, {"steps": 10}, {"steps": 40 if discrete else 100}]
@@ -304,6 +305,11 @@ def test_each_model_declares_its_network_module():
     assert built["vae"].nfe_module() is built["vae"].decoder
     assert built["hvae"].nfe_module() is built["hvae"].out
     assert built["baseline"].nfe_module() is None
+    for name, m in built.items():  # sampling precision is declared where a network runs, and only there
+        assert m.precision_applies == (m.nfe_module() is not None), name
+    # closed form is declared, not guessed: the baseline alone, and it has nothing to train
+    assert [n for n, m in built.items() if not m.trains] == ["baseline"]
+    assert not any(p.requires_grad for p in built["baseline"].parameters())
 
 
 def test_one_shot_models_report_one_network_evaluation_per_sample():
@@ -405,7 +411,7 @@ def test_headline_settings_are_settings_not_measurements(monkeypatch):
             m = models.build(name, shape=(1, 4, 4), levels=17, **({"T": 40} if name.startswith(("ddpm", "iddpm")) else {}))
             headline, grid = sampler_points(cfg, m)
             assert headline == grid[0]
-            if m.nfe_module() is None:
+            if not m.precision_applies:
                 assert "precision" not in headline
             else:
                 assert headline["precision"] == (precision or "fp32")
@@ -414,6 +420,44 @@ def test_headline_settings_are_settings_not_measurements(monkeypatch):
             if "dpm++2m" in m.samplers:
                 assert (headline["sampler"], headline["steps"]) == ("dpm++2m", 20)
     assert runtime.matmul_flops is no_measuring  # nothing restored it behind the test's back
+
+
+def test_the_sampler_grid_reads_the_declared_samplers_of_a_model(monkeypatch):
+    """A model of one's own with a stepped sampler and an adaptive one under new names, and no
+    network: the grid runs the stepped one at sample.grid's counts and the adaptive one at
+    sample.ode_tolerances, with no precision; grid keys no registered model steps are an error."""
+    from dataclasses import dataclass
+
+    from diffusion_models.config import parse
+    from diffusion_models.models.base import ADAPTIVE, STEPS
+    from diffusion_models.pipeline.common import StageError
+    from diffusion_models.pipeline.sample import sampler_points
+
+    class Capable(Model):
+        samplers = {"ancestral": ONE_SHOT, "mine": STEPS, "my-ode": ADAPTIVE}
+        precision_applies = False
+
+        @dataclass
+        class Config:
+            pass
+
+    monkeypatch.setitem(models._REGISTRY, "capable", Capable)
+    m = Capable((1, 4, 4), 17, Capable.Config())
+    cfg = parse({"sample": {"sampler": "mine", "steps": 7, "grid": {"mine": [3, 7], "ddim": [10]},
+                            "ode_tolerances": [0.1]}})
+    headline, grid = sampler_points(cfg, m)
+    assert headline == {"sampler": "mine", "steps": 7, "spacing": "trailing"}
+    assert grid == [headline, {"sampler": "mine", "steps": 3, "spacing": "trailing"},
+                    {"sampler": "my-ode", "steps": None, "rtol": 0.1, "atol": 0.1}]
+    vae = models.build("vae", shape=(1, 4, 4), levels=17)  # one-shot, a network: its default, in fp32
+    assert sampler_points(cfg, vae) == ({"precision": "fp32"}, [{"precision": "fp32"}])
+    for bad in ({"grid": {"my-ode": [3]}}, {"sampler": "nope"}):  # adaptive: no steps; unknown
+        with pytest.raises(StageError, match="unknown sampler"):
+            sampler_points(parse({"sample": bad}), m)
+    with pytest.raises(ValueError, match="sampler 'my-ode' is adaptive: it takes rtol/atol, not steps"):
+        m.check_sampler("my-ode", 5, {})
+    with pytest.raises(ValueError, match="sampler 'ancestral' takes no steps"):
+        m.check_sampler("ancestral", 5, {})
 
 
 def test_categorical_draws_from_bf16_logits_keep_their_small_levels():

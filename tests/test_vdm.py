@@ -40,8 +40,8 @@ def test_terms_sum_to_bound_and_options_are_checked():
         m.nll_bound(x, bogus=1)
     with pytest.raises(ValueError, match="bogus"):
         m.sample(2, bogus=1)
-    label, kwargs = m.estimators(EvalConfig(t_samples=50))[0]  # the VLB (the ODE bound: test_ode.py)
-    assert "VLB-continuous" in label and "50" in label and kwargs["t_samples"] == 50
+    est = m.estimators(EvalConfig(t_samples=50))[0]  # the VLB (the ODE bound: test_ode.py)
+    assert est.kind == "vlb" and "VLB-continuous" in est.label and "50" in est.label and est.options["t_samples"] == 50
 
 
 def test_gamma_strictly_increasing_with_exact_endpoints():

@@ -2,10 +2,31 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+
+# how a sampler is driven (`Model.samplers`): the pipeline's sampler grid reads these
+ONE_SHOT = "one-shot"  # no steps and no options (e.g. a VAE's ancestral pass, a flow's inverse)
+STEPS = "steps"        # `steps` network evaluations (sample.steps, sample.grid's step counts)
+ADAPTIVE = "adaptive"  # an adaptive solver at rtol = atol (sample.ode_tolerances); NFE is counted
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One bound a model reports (`Model.estimators`), as `evaluate.evaluate_bounds` runs it."""
+    kind: str      # what the bound is: exact | elbo | iwae | dequantized | vlb | ode (or a plugin's own)
+    label: str     # its name in the tables, unique among the model's estimators
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of `nll_terms`
+    max_examples: int | None = None  # score only the first N test examples (a costly bound on a fixed subset)
+    batch_size: int | None = None    # test examples per `nll_terms` call; None: evaluate.batch_size
+
+    def __post_init__(self):
+        if not self.kind or not self.label:
+            raise ValueError(f"an estimator needs a kind and a label, got kind={self.kind!r}, label={self.label!r}")
 
 
 class Model(nn.Module):
@@ -17,7 +38,11 @@ class Model(nn.Module):
 
     family: ClassVar[str] = ""
     Config: ClassVar[type]
-    samplers: ClassVar[tuple[str, ...]] = ("ancestral",)  # what `sample(sampler=...)` accepts
+    # what the model can do, declared (the pipeline reads these, never guesses):
+    # the samplers `sample(sampler=...)` accepts and how each is driven (ONE_SHOT | STEPS | ADAPTIVE)
+    samplers: ClassVar[dict[str, str]] = {"ancestral": ONE_SHOT}
+    trains: ClassVar[bool] = True     # False: fitted in closed form by `init_from_data` (no steps, one checkpoint)
+    precision_applies: ClassVar[bool] = True  # False: no network runs while sampling (sample.precision moot)
     # the attribute holding the module one forward call of which is one network evaluation
     # (what `nfe` counts; evaluate.draw_samples counts its calls); None: no network
     nfe_module_name: ClassVar[str | None] = None
@@ -73,16 +98,14 @@ class Model(nn.Module):
         terms = self.nll_terms(x, **estimator)
         return torch.stack(list(terms.values())).sum(0)
 
-    def estimators(self, ecfg: Any) -> list[tuple[str, dict[str, Any]]]:
-        """The bounds this model reports under eval config `ecfg`: (label, kwargs for nll_terms).
-        The kwargs may also hold `max_examples`: evaluate scores only the first N test examples
-        with that estimator (a costly bound on a fixed subset), and `batch_size`: the examples
-        per nll_terms call with it (else `evaluate.batch_size`); neither is passed to nll_terms."""
+    def estimators(self, ecfg: Any) -> list[Estimator]:
+        """The bounds this model reports under eval config `ecfg`; the first is the cheapest (the
+        validation bound of the learning curve and of checkpoint selection)."""
         raise NotImplementedError
 
-    def headline_estimator(self, ecfg: Any) -> str:
-        """The label (one of `estimators(ecfg)`) of the bound this model's tables report: declared
-        in advance by the protocol, never the minimum over noisy estimators (a winner's curse)."""
+    def headline_estimator(self, ecfg: Any) -> Estimator:
+        """The bound (one of `estimators(ecfg)`) this model's tables report: declared in advance
+        by the protocol, never the minimum over noisy estimators (a winner's curse)."""
         raise NotImplementedError
 
     def sample(self, n: int, generator: torch.Generator | None = None, sampler: str = "ancestral",
@@ -109,8 +132,10 @@ class Model(nn.Module):
         name = self.name or type(self).__name__
         if sampler not in self.samplers:
             raise ValueError(f"{name} cannot honour sampler '{sampler}'; it supports: {', '.join(self.samplers)}")
-        if self.samplers == ("ancestral",) and steps is not None:
-            raise ValueError(f"{name}: sampler 'ancestral' takes no steps (got steps={steps})")
+        how = self.samplers[sampler]
+        if how != STEPS and steps is not None:
+            why = "is adaptive: it takes rtol/atol, not steps" if how == ADAPTIVE else "takes no steps"
+            raise ValueError(f"{name}: sampler '{sampler}' {why} (got steps={steps})")
         self._reject(options, name)
 
     def _check_x(self, x: torch.Tensor) -> None:

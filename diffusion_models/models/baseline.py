@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import register
-from .base import Model
+from .base import Estimator, Model
 
 
 @register("baseline")
@@ -15,6 +15,8 @@ class PixelCategorical(Model):
     """p(x) = prod_d Cat(x_d; pi_d), fitted in closed form (smoothed counts) on the train split."""
 
     family = "baseline"
+    trains = False             # fitted in closed form (`init_from_data`)
+    precision_applies = False  # no network
 
     @dataclass
     class Config:
@@ -52,10 +54,10 @@ class PixelCategorical(Model):
         return {"nll": self._nll(x)}
 
     def estimators(self, ecfg):
-        return [("exact", {})]
+        return [Estimator("exact", "exact")]
 
     def headline_estimator(self, ecfg):
-        return "exact"
+        return self.estimators(ecfg)[0]
 
     @torch.no_grad()
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:

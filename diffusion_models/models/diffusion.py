@@ -19,7 +19,8 @@ from .. import likelihood as lk
 from .. import samplers as smp
 from ..nets import Denoiser, DenoiserConfig
 from . import register
-from .family import DiffusionFamily
+from .base import Estimator
+from .family import Denoised, DiffusionFamily
 
 
 def make_betas(schedule: str, T: int) -> torch.Tensor:
@@ -104,48 +105,56 @@ class GaussianDiffusion(DiffusionFamily):
     def _bcast(self, arr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return arr[t].view(-1, 1, 1, 1)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's prediction of its target (eps | x0 | score) at integer times t [B]."""
-        return self.denoise_at(x_t, self._bcast(self.alpha_bar, t), t.float())
-
-    def denoise_at(self, x_t: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The prediction at alpha_bar = ab [B,1,1,1] and (possibly fractional) time t [B]: the
-        U-Net output (time input scaled to 0..1000) through `precondition`."""
+    def output(self, x_t: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's prediction of its target (eps | x0 | score), and IDDPM's variance channels,
+        at alpha_bar = ab [B,1,1,1] and (possibly fractional) time t [B]: the U-Net (time input
+        scaled to 0..1000) through `precondition`. What the training loss matches."""
         return self.precondition(self.net(x_t, ab.sqrt(), t * (1000.0 / self.cfg.T)), x_t, ab)
 
     def precondition(self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """Raw network output -> prediction in the target's units (eps: the identity)."""
         return out
 
-    def x0_from_output(self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-        """Luo (2022): x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) = (x_t + (1-ab) score) / sqrt(ab)."""
-        if self.target == "x0":
-            return out
-        if self.target == "eps":
-            return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
-        return (x_t + (1 - ab) * out) / ab.sqrt()  # score
-
-    def mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of p(x_{t-1} | x_t) from the raw network output."""
+    def denoised(self, out: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> Denoised:
+        """`output` at alpha_bar `ab` -> (x0_hat, eps_hat, v): x0 by Luo (2022), x0 = (x_t -
+        sqrt(1-ab) eps) / sqrt(ab) = (x_t + (1-ab) score) / sqrt(ab), clipped to [-1, 1] if
+        `clip_x0` (the one place the clipping happens); eps re-derived from that x0."""
         c = self.shape[0]
-        if self.cfg.learn_sigma:
-            out, v = out[:, :c], out[:, c:]
-            frac = (v + 1) / 2  # Nichol & Dhariwal eq. 15
-            logvar = frac * self._bcast(self.log_beta, t) + (1 - frac) * self._bcast(self.log_post_var, t)
+        pred = out[:, :c]
+        if self.target == "x0":
+            x0 = pred
+        elif self.target == "eps":
+            x0 = (x - (1 - ab).sqrt() * pred) / ab.sqrt()
+        else:  # score
+            x0 = (x + (1 - ab) * pred) / ab.sqrt()
+        x0 = x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
+        return Denoised(x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt(), out[:, c:] if self.cfg.learn_sigma else None)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor | None = None, logsnr: torch.Tensor | None = None) -> Denoised:
+        """The family's denoiser (`DiffusionFamily.denoise`): at integer times t (0-dim or [B]), or
+        at log SNR `logsnr` (0-dim) on the continuous-time schedule of `logsnr()` (the network
+        called at the fractional time of that log SNR). One network evaluation."""
+        if logsnr is None:
+            t = t.expand(len(x))
+            ab, t = self._bcast(self.alpha_bar, t), t.float()
         else:
-            fixed = self.log_post_var if self.cfg.variance == "small" else self.log_beta
-            logvar = self._bcast(fixed, t).expand_as(x_t)
-        return self.posterior_mean(self.x0_hat(out, x_t, t), x_t, t), logvar
+            t = self.time_of_logsnr(logsnr).to(x.dtype).expand(len(x))
+            ab = torch.sigmoid(logsnr.to(x.dtype)).view(1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        return self.denoised(self.output(x, ab, t), x, ab)
 
-    def x0_hat(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's x_0 estimate from its (mean) output at integer time t (see `x0_at`)."""
-        return self.x0_at(out, x_t, self._bcast(self.alpha_bar, t))
+    def _logvar(self, v: torch.Tensor | None, log_beta: torch.Tensor, log_post_var: torch.Tensor,
+                x_t: torch.Tensor) -> torch.Tensor:
+        """log-variance of the reverse step: fixed beta~ ('small') or beta ('large'), or learned:
+        v in [-1, 1] interpolates their logs (Nichol & Dhariwal eq. 15)."""
+        if self.cfg.learn_sigma:
+            frac = (v + 1) / 2
+            return frac * log_beta + (1 - frac) * log_post_var
+        return (log_post_var if self.cfg.variance == "small" else log_beta).expand_as(x_t)
 
-    def x0_at(self, out: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-        """The x_0 estimate at alpha_bar `ab`, clipped to [-1, 1] if `clip_x0`: the one place
-        the clipping happens (the VLB, ancestral sampling, the solvers and the ODE use it)."""
-        x0 = self.x0_from_output(out, x, ab)
-        return x0.clamp(-1.0, 1.0) if self.cfg.clip_x0 else x0
+    def mean_logvar(self, d: Denoised, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of p(x_{t-1} | x_t) from the denoiser's output `d` at integer times t."""
+        logvar = self._logvar(d.v, self._bcast(self.log_beta, t), self._bcast(self.log_post_var, t), x_t)
+        return self.posterior_mean(d.x0, x_t, t), logvar
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean of q(x_{t-1} | x_t, x_0)."""
@@ -199,21 +208,12 @@ class GaussianDiffusion(DiffusionFamily):
         lo = hi - 1
         return lo + 1 + (v - table[lo]) / (table[hi] - table[lo])
 
-    # the probability-flow ODE's view of the model (ode.ODEView), on the continuous-time
-    # schedule of `logsnr`: the network is called at fractional times
+    # the probability-flow ODE's view (ode.ODEView: `ode_eps` is the family's `denoise` at a log
+    # SNR), on the continuous-time schedule of `logsnr`: the network is called at fractional times
     def ode_logsnr_span(self) -> tuple[float, float]:
         """log SNR at t = 1 (the lowest noise trained on: the data end) and at t = T."""
         lam = self._logsnr_table()
         return lam[0].item(), lam[-1].item()
-
-    def ode_eps(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """The eps prediction at log SNR lam (0-dim), made as `predict` makes it at integer times
-        (re-derived from the x0 estimate clipped to [-1, 1] when `clip_x0`), so that the ODE is
-        the flow of the same model that DDIM, DPM-Solver++ and the VLB use. One network
-        evaluation. The clamp keeps the field Lipschitz: the change of variables holds."""
-        t = self.time_of_logsnr(lam).to(x.dtype)
-        ab = torch.sigmoid(lam.to(x.dtype)).view(1, 1, 1, 1).expand(len(x), 1, 1, 1)
-        return self.x0_eps(self.denoise_at(x, ab, t.expand(len(x)))[:, : self.shape[0]], x, ab)[1]
 
     def _vlb_terms(self, x0: torch.Tensor, x_int: torch.Tensor | None, t_samples: int, chunk: int,
                    spacing: str = "log") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -250,7 +250,7 @@ class GaussianDiffusion(DiffusionFamily):
             label = f"VLB (T={T}, exact sum)"
         else:
             label = f"VLB (T={T}, {k} t, {ecfg.t_spacing} strata)"
-        return label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing}
+        return Estimator("vlb", label, {"t_samples": k, "chunk": ecfg.chunk, "spacing": ecfg.t_spacing})
 
     # -------------------------------------------------------------- training
 
@@ -268,7 +268,8 @@ class GaussianDiffusion(DiffusionFamily):
         t = self.sample_t(len(x), x.device)
         eps = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
-        out = self.denoise(x_t, t)
+        ab = self._bcast(self.alpha_bar, t)
+        out = self.output(x_t, ab, t.float())
         c = self.shape[0]
         loss = self.matching_loss(out[:, :c], x0, eps, x_t, t)
         if self.cfg.hybrid_lambda > 0:
@@ -276,7 +277,7 @@ class GaussianDiffusion(DiffusionFamily):
             # for uniform t, each term a per-dimension mean in *bits*; it trains only the
             # variance (the mean is detached). improved-diffusion: vb (bits, mean over dims) * T/1000.
             out_vlb = torch.cat([out[:, :c].detach(), out[:, c:]], 1)
-            vb = self.step_term(x0, x_t, t, *self.mean_logvar(out_vlb, x_t, t), x)  # nats, summed over dims
+            vb = self.step_term(x0, x_t, t, *self.mean_logvar(self.denoised(out_vlb, x_t, ab), x_t, t), x)  # nats
             loss = loss + self.cfg.hybrid_lambda * self.cfg.T * lk.bits_per_dim(vb, self.dims)
         return loss.mean()
 
@@ -306,18 +307,6 @@ class GaussianDiffusion(DiffusionFamily):
         ab = self.alpha_bar.double()[times]
         return ab.sqrt(), (1 - ab).sqrt()
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) at integer time t (0-dim or [B]); eps_hat is re-derived from the
-        (clipped) x0_hat."""
-        t = t.expand(len(x))
-        return self.x0_eps(self.denoise(x, t)[:, : self.shape[0]], x, self._bcast(self.alpha_bar, t))
-
-    def x0_eps(self, out: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) from the network's (mean) output at alpha_bar `ab`: `x0_at`, and
-        eps_hat re-derived from it (what the samplers and the ODE use)."""
-        x0 = self.x0_at(out, x, ab)
-        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-
     # ancestral sampling on a subsequence of the times (Nichol & Dhariwal 2021, sec. 4)
     def respaced(self, steps: int, spacing: str = "trailing") -> dict[str, torch.Tensor]:
         """The reverse process on the times t_0 > ... > t_{K-1} of `solver_times(steps, spacing)`
@@ -344,20 +333,12 @@ class GaussianDiffusion(DiffusionFamily):
                "log_post_var": clipped.log(), "log_beta": beta.log()}
         return {"t": times[:-1].to(self.device), **{k: v.float().to(self.device) for k, v in sch.items()}}
 
-    def respaced_mean_logvar(self, out: torch.Tensor, x_t: torch.Tensor, sch: dict[str, torch.Tensor],
+    def respaced_mean_logvar(self, d: Denoised, x_t: torch.Tensor, sch: dict[str, torch.Tensor],
                              i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`mean_logvar` on the respaced process `sch` (`respaced`) at its step i, from the raw
-        network output at t_i: the posterior mean at x0_hat; the fixed variance beta~'_i
-        ('small') or beta'_i ('large'), or learned: v in [-1, 1] interpolates their logs."""
-        c = self.shape[0]
-        t = sch["t"][i].expand(len(x_t))
-        mean = sch["coef_x0"][i] * self.x0_hat(out[:, :c], x_t, t) + sch["coef_xt"][i] * x_t
-        if self.cfg.learn_sigma:
-            frac = (out[:, c:] + 1) / 2  # Nichol & Dhariwal eq. 15
-            logvar = frac * sch["log_beta"][i] + (1 - frac) * sch["log_post_var"][i]
-        else:
-            logvar = sch["log_post_var" if self.cfg.variance == "small" else "log_beta"][i].expand_as(x_t)
-        return mean, logvar
+        """`mean_logvar` on the respaced process `sch` (`respaced`) at its step i, from the
+        denoiser's output at t_i: the posterior mean at x0_hat and the step's log-variance."""
+        mean = sch["coef_x0"][i] * d.x0 + sch["coef_xt"][i] * x_t
+        return mean, self._logvar(d.v, sch["log_beta"][i], sch["log_post_var"][i], x_t)
 
     def ancestral(self, x: torch.Tensor, steps: int | None = None, spacing: str = "trailing",
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -367,7 +348,7 @@ class GaussianDiffusion(DiffusionFamily):
         steps = self.sample_steps(steps)
         sch = self.respaced(steps, spacing)
         for i in range(steps):
-            mean, logvar = self.respaced_mean_logvar(self.denoise(x, sch["t"][i].expand(len(x))), x, sch, i)
+            mean, logvar = self.respaced_mean_logvar(self.denoise(x, sch["t"][i]), x, sch, i)
             if i < steps - 1:
                 x = mean + torch.exp(0.5 * logvar) * torch.randn(x.shape, generator=generator, device=x.device)
             else:

@@ -6,28 +6,37 @@ A member (discrete-time `diffusion.GaussianDiffusion`, continuous-time `vdm.VDM`
 of your own) supplies its process:
 
 - `vlb_profile(x, t_samples, chunk, **options)`: the VLB's terms and profile (`Model.nll_terms_profile`),
-  `vlb_estimator(ecfg)`: its label and kwargs, `vlb_options`: the kwargs beyond t_samples/chunk;
+  `vlb_estimator(ecfg)`: the VLB as an `Estimator`, `vlb_options`: the kwargs beyond t_samples/chunk;
 - `default_steps`, `max_steps` (None: unbounded), `discrete_time`;
 - `ancestral(x, steps, spacing, generator)`: its reverse process from noise x in `steps` steps;
 - `to_images(z, generator)`: the data-end state of the samplers -> integer images, and
   `ode_images` for the ODE's (the same unless the ODE stops elsewhere);
-- the solvers' view (`solver_times`, `alpha_sigma`, `predict`: samplers.SolverView) and the
-  ODE's (`ode_logsnr_span`, `ode_eps`: ode.ODEView).
+- `denoise(x, t=None, logsnr=None)`: its one denoiser, (x0_hat, eps_hat, v) at time t or at a
+  log SNR, one network evaluation: what the DDIM and DPM-Solver++ samplers (with `solver_times`,
+  `alpha_sigma`: samplers.SolverView) and the ODE (`ode_eps`, with `ode_logsnr_span`:
+  ode.ODEView) read (the discrete member's VLB and ancestral steps too).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from .. import ode
 from .. import samplers as smp
-from .base import Model
+from .base import ADAPTIVE, STEPS, Estimator, Model
+
+
+class Denoised(NamedTuple):
+    """What the denoiser gives at one noise level, [B,C,H,W] each."""
+    x0: torch.Tensor               # the data estimate (clipped to [-1, 1] where the member clips)
+    eps: torch.Tensor              # the noise estimate consistent with x0: (x - alpha x0) / sigma
+    v: torch.Tensor | None = None  # learned-variance channels (IDDPM), else None
 
 
 class DiffusionFamily(ode.ProbabilityFlow, Model):
     family = "diffusion"
-    samplers = ("ancestral", *smp.SOLVERS, "ode")
+    samplers = {"ancestral": STEPS, **{s: STEPS for s in smp.SOLVERS}, "ode": ADAPTIVE}
     nfe_module_name = "net"  # one U-Net call is one network evaluation
     vlb_options: ClassVar[tuple[str, ...]] = ()
     discrete_time: ClassVar[bool] = True
@@ -44,11 +53,22 @@ class DiffusionFamily(ode.ProbabilityFlow, Model):
     def vlb_profile(self, x: torch.Tensor, t_samples: int, chunk: int, **options: Any):
         raise NotImplementedError
 
-    def vlb_estimator(self, ecfg) -> tuple[str, dict[str, Any]]:
+    def vlb_estimator(self, ecfg) -> Estimator:
         raise NotImplementedError
 
     def ancestral(self, x: torch.Tensor, steps: int, spacing: str, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor | None = None, logsnr: torch.Tensor | None = None) -> Denoised:
+        """The denoiser at the member's time t (0-dim or [B]) or at log SNR `logsnr` (0-dim)."""
+        raise NotImplementedError
+
+    def ode_eps(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """ode.ODEView: the denoiser's eps at log SNR lam (0-dim), one network evaluation: the
+        ODE is the flow of the same model that DDIM, DPM-Solver++ and the VLB use (where the
+        member clips x0, eps is re-derived from the clipped x0: the clamp keeps the field
+        Lipschitz, so the change of variables holds)."""
+        return self.denoise(x, logsnr=lam).eps
 
     def to_images(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -75,7 +95,7 @@ class DiffusionFamily(ode.ProbabilityFlow, Model):
 
     def headline_estimator(self, ecfg):
         """The VLB on the whole test split (the ODE bound is the other view, on a subset)."""
-        return self.vlb_estimator(ecfg)[0]
+        return self.vlb_estimator(ecfg)
 
     # -------------------------------------------------------------- sampling
     @property

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from .. import likelihood as lk
-from .base import Model
+from .base import Estimator, Model
 
 
 class LatentVariableModel(Model):
@@ -46,11 +46,11 @@ class LatentVariableModel(Model):
         return self.elbo_terms(x) if k == 1 else {"iwae": self.iwae(x, k, chunk)}
 
     def estimators(self, ecfg):
-        out = [("ELBO", {"k": 1})]
+        out = [Estimator("elbo", "ELBO", {"k": 1})]
         if ecfg.iwae_k > 1:
-            out.append((f"IWAE-{ecfg.iwae_k}", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
+            out.append(Estimator("iwae", f"IWAE-{ecfg.iwae_k}", {"k": ecfg.iwae_k, "chunk": ecfg.chunk}))
         return out
 
     def headline_estimator(self, ecfg):
         """IWAE at evaluate.iwae_k (the ELBO where K = 1): the tighter bound the protocol names."""
-        return self.estimators(ecfg)[-1][0]
+        return self.estimators(ecfg)[-1]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import likelihood as lk
 from . import register
-from .base import Model
+from .base import Estimator, Model
 
 
 def channel_groups(n: int, colours: int) -> torch.Tensor:
@@ -108,7 +108,6 @@ class PixelCNN(Model):
     """Gated PixelCNN, van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders"."""
 
     family = "autoregressive"
-    samplers = ("ancestral",)
     nfe_module_name = "net"
 
     @dataclass
@@ -153,10 +152,10 @@ class PixelCNN(Model):
         return {"nll": self._nll(x)}
 
     def estimators(self, ecfg):
-        return [("exact", {})]
+        return [Estimator("exact", "exact")]
 
     def headline_estimator(self, ecfg):
-        return "exact"
+        return self.estimators(ecfg)[0]
 
     def sampler_label(self, sampler="ancestral", steps=None, **options: Any) -> str:
         return "autoregressive"

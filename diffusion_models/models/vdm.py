@@ -23,7 +23,8 @@ from torch import nn
 from .. import likelihood as lk
 from ..nets import Denoiser, DenoiserConfig
 from . import register
-from .family import DiffusionFamily
+from .base import Estimator
+from .family import Denoised, DiffusionFamily
 
 SCHEDULE_INTERIOR = ("variance", "vlb", "fixed")
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [N,C,H,W], gamma_t [N]) -> eps_hat
@@ -198,7 +199,8 @@ class VDM(DiffusionFamily):
         return terms, profile
 
     def vlb_estimator(self, ecfg):
-        return f"VLB-continuous ({ecfg.t_samples} t/example)", {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk}
+        return Estimator("vlb", f"VLB-continuous ({ecfg.t_samples} t/example)",
+                         {"t_samples": ecfg.t_samples, "chunk": ecfg.chunk})
 
     # the probability-flow ODE's view of the model (ode.ODEView): log SNR = -gamma(t)
     def ode_logsnr_span(self) -> tuple[float, float]:
@@ -206,9 +208,6 @@ class VDM(DiffusionFamily):
         g = self.gamma(torch.tensor([0.0, 1.0], device=self.device))
         return -g[0].item(), -g[1].item()
 
-    def ode_eps(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """The eps prediction at log SNR lam (0-dim): one network evaluation."""
-        return self.eps_hat(z, (-lam.to(z.dtype)).expand(len(z)))
 
     # the solvers' view of the model (samplers.SolverView), in continuous time
     def solver_times(self, steps: int, spacing: str) -> torch.Tensor:
@@ -222,12 +221,13 @@ class VDM(DiffusionFamily):
         g = self.gamma(times).double()
         return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
 
-    def predict(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) at time t (0-dim: gamma evaluated once, or [B])."""
-        g = self.gamma(t.reshape(-1)).expand(len(z))
+    def denoise(self, z: torch.Tensor, t: torch.Tensor | None = None, logsnr: torch.Tensor | None = None) -> Denoised:
+        """The family's denoiser (`DiffusionFamily.denoise`): (x0_hat, eps_hat) at time t (0-dim:
+        gamma evaluated once, or [B]) or at log SNR = -gamma `logsnr` (0-dim). One network evaluation."""
+        g = (self.gamma(t.reshape(-1)) if logsnr is None else -logsnr.to(z.dtype)).expand(len(z))
         eps = self.eps_hat(z, g)
         g = g.view(-1, 1, 1, 1)
-        return (z - torch.sqrt(torch.sigmoid(g)) * eps) / torch.sqrt(torch.sigmoid(-g)), eps
+        return Denoised((z - torch.sqrt(torch.sigmoid(g)) * eps) / torch.sqrt(torch.sigmoid(-g)), eps)
 
     def to_images(self, z0: torch.Tensor, generator) -> torch.Tensor:
         """The state at t = 0 (gamma_min) through the discrete decoder p(x|z_0): a draw."""

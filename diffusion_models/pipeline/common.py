@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +14,7 @@ import yaml
 
 from .. import data, models
 from ..config import Config
+from ..runtime import digest as content_digest
 from ..runtime import (die_with_parent, file_digest, read_json, resolve_device, retain_freed_memory, source_digest,
                        write_json)
 
@@ -97,9 +97,15 @@ def model_overrides(cfg: Config, name: str) -> dict[str, Any]:
 
 
 def setup_torch(cfg: Config, device: str | None) -> torch.device:
+    """The stage's device (train.device unless `device`) and threads; on CUDA, TF32 off for
+    matmuls and cuDNN convolutions (PyTorch's cuDNN default is on): fp32 means fp32 everywhere."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    return resolve_device(device or cfg.train.device)
+    dev = resolve_device(device or cfg.train.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
 
 
 def split(cfg: Config, name: str) -> data.Dataset:
@@ -141,10 +147,8 @@ def code_digest(name: str, stage: str) -> str:
     outside = models.outside_sources(name)
     if not outside:
         return digest
-    h = hashlib.sha1(digest.encode())
-    for module, file in outside:
-        h.update(module.encode() + b"\0" + file.read_bytes() + b"\0")
-    return h.hexdigest()
+    return content_digest(digest.encode(), *(module.encode() + b"\0" + file.read_bytes() + b"\0"
+                                             for module, file in outside))
 
 
 def file_sha1(path: str | Path) -> str:

@@ -13,8 +13,8 @@ from .common import (EVAL_RECORDS, METRICS, PREPARED, RUN_FIELDS, code_digest, f
 
 
 def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
-    """IWAE at `sweep_iwae_k` on every checkpoint of the grid (the frontier) and at `iwae_k` on
-    each run's selected one (models with IWAE); the other estimators everywhere but the ODE
+    """The K-sample bounds (IWAE, the flow's) at their sweep K on every checkpoint of the grid (the
+    frontier) and at their K on each run's selected one; the other estimators everywhere but the ODE
     (selected checkpoints only). The selected checkpoints also keep every test image's bound
     (for the paired comparisons of `compare`). The selection was fixed by the train stage on
     validation before this opens the test split. Nothing is recomputed when the checkpoints,
@@ -33,16 +33,14 @@ def evaluate(cfg: Config, name: str, device: str | None = None) -> dict[str, Any
     for run in runs:
         model = load_model(cfg, name, dev, run["checkpoint"])
         final = run["selected"]
-        ks = [cfg.evaluate.sweep_iwae_k] + ([cfg.evaluate.iwae_k] if final else [])
         first = final and run["seed"] == runs[0]["seed"]
         ode = dataclasses.replace(cfg.evaluate.ode, enabled=final and cfg.evaluate.ode.enabled,  # selected only;
                                   check_tol=cfg.evaluate.ode.check_tol if first else None)  # check: first seed
         ecfg = dataclasses.replace(cfg.evaluate, ode=ode)
-        bounds = evaluate_bounds(model, x, ecfg, iwae_ks=ks, per_example=final)
-        sweep = model.headline_estimator(dataclasses.replace(ecfg, iwae_k=cfg.evaluate.sweep_iwae_k))
-        headline = model.headline_estimator(dataclasses.replace(ecfg, iwae_k=ks[-1]))
-        out.append({**{k: run[k] for k in RUN_FIELDS}, "headline": headline, "sweep_estimator": sweep,
-                    "bounds": bounds})
+        cfgs = [ecfg.for_sweep()] + ([ecfg] if final else [])  # the K-sample bounds: sweep K; selected: K too
+        bounds = evaluate_bounds(model, x, cfgs, per_example=final)
+        out.append({**{k: run[k] for k in RUN_FIELDS}, "headline": model.headline_estimator(cfgs[-1]).label,
+                    "sweep_estimator": model.headline_estimator(cfgs[0]).label, "bounds": bounds})
         for label, b in bounds.items():
             print(f"{name} seed {run['seed']} at {run['fraction']:.0%}: {label} {b['bpd']:.4f} ± "
                   f"{b['bpd_se']:.4f} bits/dim ({b['seconds']:.1f}s)", flush=True)

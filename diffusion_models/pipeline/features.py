@@ -3,7 +3,6 @@ held-out test split) and the `train-classifier` command that makes the shipped c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 
 from .. import quality
 from ..config import Config
+from ..runtime import digest as content_digest
 from ..runtime import device_label, file_digest, processor, versions, write_json, write_text
 from .common import FEATURES, GRIDS, METRICS, REFERENCE_CACHE, StageError, setup_torch, split, write_record
 
@@ -39,7 +39,7 @@ def cache_name(images: quality.ImageSet, reference: str, digest: str | None) -> 
     SHA-256: torch-fidelity reuses a cache it finds under that name, so another split (another
     data.split_seed or val_size) or another feature space can never read stale statistics."""
     pixels = images.images.contiguous().numpy()
-    content = hashlib.sha1(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    content = content_digest(repr(pixels.shape).encode(), pixels.tobytes())
     return f"{reference}-{content[:16]}" + (f"-{digest[:12]}" if digest else "")
 
 

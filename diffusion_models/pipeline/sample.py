@@ -11,6 +11,7 @@ import torch
 from .. import data, models, quality
 from ..config import Config
 from ..evaluate import draw_samples
+from ..models.base import ADAPTIVE, STEPS
 from ..memorisation import memorisation, nearest
 from ..runtime import device_label, versions, write_json
 from .common import (GRIDS, METRICS, PREPARED, RUN_FIELDS, SAMPLE_RECORDS, REFERENCE_CACHE,
@@ -27,38 +28,42 @@ def _sampler_kwargs(cfg: Config, sampler: str, steps: int | None) -> dict[str, A
     return kw | ({"eta": cfg.sample.eta} if sampler == "ddim" else {})
 
 
-def _ode_kwargs(tol: float) -> dict[str, Any]:
-    """The ODE sampler (adaptive: no steps) at rtol = atol = tol."""
-    return {"sampler": "ode", "steps": None, "rtol": tol, "atol": tol}
+def _tolerance_kwargs(sampler: str, tol: float) -> dict[str, Any]:
+    """An adaptive sampler (no steps) at rtol = atol = tol."""
+    return {"sampler": sampler, "steps": None, "rtol": tol, "atol": tol}
 
 
 def sampler_points(cfg: Config, model: models.Model) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(headline, grid): the headline sampler setting (`sample.sampler`/`steps`, or the model's
     own default when it has no such sampler), and the grid's settings the model supports, the
-    headline first (kwargs for `draw_samples`: `Model.sample`'s and, for models with a network,
-    its `precision`, `sample.precision`; with `sample.precision_check`, the headline's twin in
-    the other precision comes second). Settings only: nothing here measures the machine, so the
-    same params give the same points everywhere."""
-    from ..samplers import SOLVERS
-
-    known = ("ancestral", *SOLVERS)  # `ode` is not a grid key: sample.ode_tolerances
+    headline first (kwargs for `draw_samples`: `Model.sample`'s and, for models whose sampling
+    runs a network (`Model.precision_applies`), its `precision`, `sample.precision`; with
+    `sample.precision_check`, the headline's twin in the other precision comes second). What
+    runs is read from the model's declared samplers (`Model.samplers`): the step counts of
+    `sample.grid` for each STEPS sampler, `sample.ode_tolerances` for each ADAPTIVE one. Settings
+    only: nothing here measures the machine, so the same params give the same points everywhere."""
+    declared = model.samplers
+    known = {s for name in models.names()  # the registry's: built-in and plugin models
+             for s, how in models.get(name).samplers.items() if how == STEPS}  # (ADAPTIVE: ode_tolerances)
     for where, sampler in [("sample.sampler", cfg.sample.sampler)] + [("sample.grid", g) for g in cfg.sample.grid]:
         if sampler not in known:
-            raise StageError(f"{where}: unknown sampler '{sampler}'; samplers: {', '.join(known)}")
+            raise StageError(f"{where}: unknown sampler '{sampler}'; the registered models' samplers with "
+                             f"steps: {', '.join(sorted(known))}")
     headline = (_sampler_kwargs(cfg, cfg.sample.sampler, cfg.sample.steps)
-                if cfg.sample.sampler in model.samplers else {})
+                if declared.get(cfg.sample.sampler) == STEPS else {})
     grid = [headline]
     for sampler, steps in cfg.sample.grid.items():
-        # a one-shot model's sampler takes no steps: its headline point is its only one
-        if sampler in model.samplers and model.samplers != ("ancestral",):
+        # a one-shot sampler takes no steps: a model's one-shot headline is its only point
+        if declared.get(sampler) == STEPS:
             grid += [kw for k in steps if (kw := _sampler_kwargs(cfg, sampler, k)) != headline]
-    if "ode" in model.samplers:
-        grid += [_ode_kwargs(tol) for tol in cfg.sample.ode_tolerances]
-    if model.nfe_module() is None:  # no network: nothing runs in a precision
+    grid += [_tolerance_kwargs(s, tol) for s, how in declared.items() if how == ADAPTIVE
+             for tol in cfg.sample.ode_tolerances]
+    if not model.precision_applies:  # no network: nothing runs in a precision
         return headline, grid
-    # the network in `precision`, but the adaptive ODE solver's error control in fp32
+    # the network in `precision`, but an adaptive solver's error control in fp32
     precision = cfg.sample.precision
-    grid = [{**kw, "precision": "fp32" if kw.get("sampler") == "ode" else precision} for kw in grid]
+    grid = [{**kw, "precision": "fp32" if declared.get(kw.get("sampler")) == ADAPTIVE else precision}
+            for kw in grid]
     if cfg.sample.precision_check:  # the headline in the other precision
         grid.insert(1, {**grid[0], "precision": "fp32" if precision == "bf16" else "bf16"})
     return grid[0], grid

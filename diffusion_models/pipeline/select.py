@@ -50,7 +50,7 @@ def select(cfg: Config, name: str, specs: list[str], device: str | None = None) 
         seed_everything(tcfg.seed)
         model = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides).to(dev)
         result = fit(model, images, tcfg, progress=True)
-        bounds = evaluate_bounds(model, val, dataclasses.replace(cfg.evaluate, iwae_k=cfg.evaluate.sweep_iwae_k))
+        bounds = evaluate_bounds(model, val, cfg.evaluate.for_sweep())
         for label, b in bounds.items():
             rows.append({"model": name, **choice, "estimator": label, "val_bpd": b["bpd"], "val_bpd_se": b["bpd_se"],
                          "images_seen": result.images_seen, "seed": tcfg.seed})

@@ -62,7 +62,7 @@ def _prepare_resume(resume: Resume | None, steps: dict[int, float], done: dict[f
     continues, the learning curve is cut back to the state's step."""
     if resume is None or not resume.path.is_file():
         return False
-    state = torch.load(resume.path, weights_only=True)
+    state = torch.load(resume.path, map_location="cpu", weights_only=True)
     at = state["step"]
     if state.get("key") != resume.key or any(st <= at and f not in done for st, f in steps.items()):
         resume.path.unlink()  # another run's state, or a snapshot it passed is gone
@@ -117,9 +117,9 @@ def validation_bound(model: models.Model, val: torch.Tensor, t_samples: int, bat
     """The held-out score of the learning curve and of checkpoint selection: the model's first
     (cheapest) estimator on the validation split (ELBO, a VLB with `t_samples` strata of t, ...),
     bits/dim, fixed noise."""
-    _, kwargs = model.estimators(EvalConfig(iwae_k=1, t_samples=t_samples))[0]
+    options = model.estimators(EvalConfig(iwae_k=1, dequant_k=1, t_samples=t_samples))[0].options
     torch.manual_seed(0)
-    nats = torch.cat([model.nll_bound(val[i: i + batch], **kwargs) for i in range(0, len(val), batch)])
+    nats = torch.cat([model.nll_bound(val[i: i + batch], **options) for i in range(0, len(val), batch)])
     return float(bits_per_dim(nats.double().mean().item(), model.dims))
 
 
@@ -206,7 +206,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
     images = to_tensor(train_ds, dev)
     seeds, code = run_seeds(cfg), code_digest(name, "train")
     probe = models.build(name, shape=train_ds.shape, levels=train_ds.levels, **overrides)
-    trainable = any(p.requires_grad for p in probe.parameters())
+    trainable = probe.trains
     fractions = sorted(set(cfg.train.fractions) | {1.0}) if trainable else [1.0]  # closed form: one
     workers, threads = parallel_runs(cfg, len(seeds), dev, world) if trainable else (1, torch.get_num_threads())
     with intra_op_threads(threads):  # each run's threads: what its key and the record's device name
@@ -242,7 +242,7 @@ def train(cfg: Config, name: str, device: str | None = None) -> dict[str, Any]:
         return {}
     runs = [run for seed in seeds for run in checkpoint_runs(name, seed, runs_done[seed])]
     record = {
-        "model": name, "family": probe.family, "params": probe.num_params(),
+        "model": name, "family": probe.family, "trains": probe.trains, "params": probe.num_params(),
         "dataset": cfg.data.name, "shape": list(train_ds.shape), "levels": train_ds.levels,
         "n_train": meta["n_train"], "n_val": meta["n_val"], "n_test": meta["n_test"],
         "budget_images": cfg.train.images, "batch_size": cfg.train.batch_size, "seeds": seeds,
