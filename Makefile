@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make repro   - create .venv, install the pinned dependencies, run `dvc repro`
 #   make test    - the same set-up if needed, then the whole test suite (slow tests included)
-#   make reference - the reference configuration (reference/params.yaml; about 80 minutes on a 2-core AMD EPYC Zen 4)
+#   make reference - the reference configuration (reference/params.yaml; about 75 minutes on a 2-core AMD EPYC Zen 4)
 #   make fashion   - the Fashion-MNIST configuration (fashion_mnist/params.yaml; needs the dataset)
 PYTHON ?= python3
 VENV   := .venv
